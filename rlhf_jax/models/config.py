@@ -38,6 +38,13 @@ class ModelConfig:
     remat: activation checkpointing per block: "none", "full" (save nothing),
       "dots" (save all matmul outputs), "dots_no_batch" (save matmuls without batch
       dimensions, i.e. the weight projections).
+    scan_layers: run the blocks with ``lax.scan`` over their parameters stacked on a
+      layer axis, instead of a Python loop: one block is compiled instead of
+      ``num_layers``, so compile time stops growing with depth (SmolLM2-135M's LoRA
+      train step compiles in seconds instead of minutes on a CPU). The parameter
+      layout (and so checkpoints and Hugging Face files) is unchanged; the stacked
+      copy costs one extra copy of the block weights during the forward. Falls back
+      to the loop when the blocks differ in structure (LoRA on some layers only).
     attention_impl: "xla" (einsum attention), "cudnn" (fused flash attention on
       NVIDIA GPUs, via ``jax.nn.dot_product_attention``) or "auto" (cudnn on GPU,
       xla elsewhere).
@@ -62,6 +69,7 @@ class ModelConfig:
   dtype: str = "float32"
   remat: str = "none"
   attention_impl: str = "auto"
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -79,6 +87,8 @@ class ModelConfig:
                         ("dtype", DTYPES), ("param_dtype", DTYPES)):
       if getattr(self, name) not in valid:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; valid choices: {valid}")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"ModelConfig.scan_layers must be a bool, got {self.scan_layers!r}")
     if not isinstance(self.qk_norm, bool):
       raise ValueError(f"ModelConfig.qk_norm must be a bool, got {self.qk_norm!r}")
     if self.rope_scaling is not None and self.rope_scaling.get("type") != "llama3":

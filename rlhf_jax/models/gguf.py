@@ -190,15 +190,19 @@ def _gguf_tensors(reader, config: ModelConfig, arch: str) -> Iterator[tuple[tupl
       raise NotImplementedError(f"GGUF tensor {name!r} has no counterpart in the model")
 
 
-def load_gguf(path: str, *, dtype: str = "float32", param_dtype: str = "float32", mesh=None, rules=None):
-  """``(model, tokenizer)`` from a GGUF file, each tensor placed on its sharding as it is read."""
+def load_gguf(path: str, *, dtype: str = "float32", param_dtype: str = "float32", mesh=None, rules=None,
+              **options):
+  """``(model, tokenizer)`` from a GGUF file, each tensor placed on its sharding as it is read.
+
+  ``options`` are runtime :class:`ModelConfig` fields (``remat``, ``scan_layers``, ...).
+  """
   from rlhf_jax.models.pretrained import materialize
   from rlhf_jax.models.tokenizer import Tokenizer
 
   reader = _reader(path)
   meta = read_metadata(reader)
   names = {t.name for t in reader.tensors}
-  config = config_from_metadata(meta, names, dtype=dtype, param_dtype=param_dtype)
+  config = config_from_metadata(meta, names, dtype=dtype, param_dtype=param_dtype).replace(**options)
   model = materialize(config, _gguf_tensors(reader, config, meta["general.architecture"]),
                       mesh=mesh, rules=rules, source=f"GGUF {path}")
   tokenizer = Tokenizer.from_gguf_metadata(meta) if "tokenizer.ggml.tokens" in meta else None

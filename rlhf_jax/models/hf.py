@@ -298,15 +298,18 @@ def load_hf_config(path: str, **kw) -> ModelConfig:
     return config_from_hf(json.load(f), **kw)
 
 
-def load_hf(path: str, *, dtype: str = "float32", param_dtype: str = "float32", mesh=None, rules=None):
+def load_hf(path: str, *, dtype: str = "float32", param_dtype: str = "float32", mesh=None, rules=None,
+            **options):
   """``(model, tokenizer)`` from a local Hugging Face directory, streamed tensor by tensor.
+
+  ``options`` are runtime :class:`ModelConfig` fields (``remat``, ``scan_layers``, ...).
 
   ``tokenizer`` is ``None`` when the directory has no ``tokenizer.json``.
   """
   from rlhf_jax.models.pretrained import materialize
   from rlhf_jax.models.tokenizer import Tokenizer
 
-  config = load_hf_config(path, dtype=dtype, param_dtype=param_dtype)
+  config = load_hf_config(path, dtype=dtype, param_dtype=param_dtype).replace(**options)
   files = safetensors_files(path)
 
   def tensors():

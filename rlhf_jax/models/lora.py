@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from rlhf_jax.models import transformer
 from rlhf_jax.parallel import mesh as mesh_lib
 
 # Linear kernels of the transformer that can take an adapter: name -> number of
@@ -78,7 +79,10 @@ class LoRAAdapter(nnx.Module):
     b: :class:`LoRA` ``[r, out...]``.
     scale: ``alpha / rank``.
     dropout: dropout rate on the adapter input (only inside :func:`dropout_rng`).
-    index: a distinct integer per adapter, folded into the dropout key.
+    index: the kernel's position in :data:`KERNELS`, folded into the dropout key
+      with the block index (:func:`rlhf_jax.models.transformer.current_layer`), so
+      every adapter draws its own mask while all blocks keep one structure (which
+      ``ModelConfig.scan_layers`` needs).
   """
 
   def __init__(self, kernel: nnx.Variable, num_in: int, *, rank: int, alpha: float, dropout: float,
@@ -116,7 +120,8 @@ class LoRAAdapter(nnx.Module):
     dt = x.dtype
     key = _DROPOUT_KEY.get()
     if self.dropout > 0.0 and key is not None:
-      keep = jax.random.bernoulli(jax.random.fold_in(key, self.index), 1.0 - self.dropout, x.shape)
+      key = jax.random.fold_in(jax.random.fold_in(key, transformer.current_layer()), self.index)
+      keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(dt)
     h = jnp.einsum(f"{x_spec},{in_letters}{r}->{batch_letters}{r}", x, self.a.astype(dt))
     y = jnp.einsum(f"{batch_letters}{r},{r}{out_letters}->{out}", h, self.b.astype(dt))
@@ -182,7 +187,6 @@ def apply_lora(
     raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
   patterns = _patterns(targets)
   model = nnx.clone(model)
-  index = len(adapters(model))
   found = 0
   for path, module in list(_modules(model)):
     for name, num_in in KERNELS.items():
@@ -194,8 +198,7 @@ def apply_lora(
       if hasattr(module, name + SUFFIX):
         raise ValueError(f"{path}.{name} already has a LoRA adapter")
       setattr(module, name + SUFFIX, LoRAAdapter(
-          kernel, num_in, rank=rank, alpha=alpha, dropout=dropout, index=index, rngs=rngs))
-      index += 1
+          kernel, num_in, rank=rank, alpha=alpha, dropout=dropout, index=list(KERNELS).index(name), rngs=rngs))
       found += 1
   if not found:
     raise ValueError(f"no kernel matches LoRA targets {patterns}; kernels: {tuple(KERNELS)}")

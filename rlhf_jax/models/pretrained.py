@@ -92,8 +92,11 @@ def _fetch_locked(cache_dir: str) -> str:
   return dest
 
 
+RUNTIME_OPTIONS = ("remat", "scan_layers", "attention_impl")
+
+
 def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str = "float32", mesh=None,
-                    rules=None):
+                    rules=None, **options):
   """Loads ``(model, tokenizer)`` from a ``.gguf`` file or a Hugging Face directory.
 
   Args:
@@ -104,11 +107,18 @@ def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str = "fl
     mesh: a ``jax.sharding.Mesh``; each tensor is placed straight onto its
       sharding as it is read. ``None`` uses a one-device mesh.
     rules: logical-axis rules (default: the current rules).
+    **options: how the model runs, not what it is: ``remat``, ``scan_layers``
+      (``True`` compiles one block instead of ``num_layers``; much faster compiles on
+      CPU) and ``attention_impl`` (see :class:`rlhf_jax.models.ModelConfig`).
 
   Raises:
     FileNotFoundError: the path does not exist.
     ValueError: the path is neither a ``.gguf`` file nor a Hugging Face directory.
   """
+  unknown = sorted(set(options) - set(RUNTIME_OPTIONS))
+  if unknown:
+    raise TypeError(f"from_pretrained: unknown option(s) {unknown}; valid: {RUNTIME_OPTIONS} "
+                    "(the architecture comes from the checkpoint)")
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"from_pretrained: {path!r} does not exist (expected a .gguf file or a "
@@ -119,16 +129,16 @@ def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str = "fl
     if path.endswith(".gguf") or magic == b"GGUF":
       from rlhf_jax.models import gguf as gguf_lib
 
-      return gguf_lib.load_gguf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
+      return gguf_lib.load_gguf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, **options)
     raise ValueError(f"from_pretrained: {path!r} is a file but not a GGUF file (no GGUF magic); "
                      "pass a .gguf file or a Hugging Face directory")
   if os.path.isfile(os.path.join(path, "config.json")):
     from rlhf_jax.models import hf
 
-    return hf.load_hf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
+    return hf.load_hf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, **options)
   ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
   if len(ggufs) == 1:
-    return from_pretrained(ggufs[0], dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
+    return from_pretrained(ggufs[0], dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, **options)
   raise ValueError(f"from_pretrained: directory {path!r} has no config.json (not a Hugging Face "
                    f"checkpoint) and {'several' if ggufs else 'no'} .gguf files")
 

@@ -13,6 +13,8 @@ heads, K key/value heads, G = N // K, H head width, F SwiGLU width, V vocabulary
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import NamedTuple
 
@@ -24,6 +26,24 @@ from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.parallel import with_logical_constraint
 
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+_LAYER: contextvars.ContextVar = contextvars.ContextVar("rlhf_jax_layer_index", default=0)
+
+
+def current_layer():
+  """The index of the block being traced (a Python int, or a traced int32 scalar
+  under ``scan_layers``); 0 outside a block. Layer-dependent randomness (LoRA
+  dropout) folds it into its key, so all blocks can share one structure."""
+  return _LAYER.get()
+
+
+@contextlib.contextmanager
+def _in_layer(index):
+  token = _LAYER.set(index)
+  try:
+    yield
+  finally:
+    _LAYER.reset(token)
 
 
 def _dtype(name: str):
@@ -347,28 +367,68 @@ class Transformer(nnx.Module):
     x = jnp.take(self.embed.astype(dt), input_ids_BxT, axis=0)
     x = with_logical_constraint(x, ("batch", "length", "act_embed"))
 
-    def run_block(block, x, layer_cache):
-      return block(x, positions_BxT, inv_freq, mask, is_causal, layer_cache)
+    block_def = self._shared_block_graphdef() if c.scan_layers else None
+    if block_def is not None:
+      x, new_k, new_v = self._scan_blocks(block_def, x, positions_BxT, inv_freq, mask, is_causal, cache)
+    else:
+      def run_block(block, x, layer_cache):
+        return block(x, positions_BxT, inv_freq, mask, is_causal, layer_cache)
 
-    if c.remat != "none" and cache is None:
-      run_block = nnx.remat(run_block, policy=_REMAT[c.remat], prevent_cse=True)
+      if c.remat != "none" and cache is None:
+        run_block = nnx.remat(run_block, policy=_REMAT[c.remat], prevent_cse=True)
 
-    new_k, new_v = [], []
-    for i, block in enumerate(self.layers):
-      layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-      x, out_cache = run_block(block, x, layer_cache)
-      if out_cache is not None:
-        new_k.append(out_cache[0])
-        new_v.append(out_cache[1])
+      new_k, new_v = [], []
+      for i, block in enumerate(self.layers):
+        layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+        with _in_layer(i):
+          x, out_cache = run_block(block, x, layer_cache)
+        if out_cache is not None:
+          new_k.append(out_cache[0])
+          new_v.append(out_cache[1])
+      if cache is not None:
+        new_k, new_v = jnp.stack(new_k), jnp.stack(new_v)
     x = self.final_norm(x)
 
     new_cache = None
     if cache is not None:
       new_cache = KVCache(
-          k=jnp.stack(new_k), v=jnp.stack(new_v), mask=slot_mask,
+          k=new_k, v=new_v, mask=slot_mask,
           index=cache.index + t, next_position=cache.next_position + mask_BxT.sum(-1),
       )
     return x, new_cache
+
+  def _shared_block_graphdef(self):
+    """The blocks' common graphdef, or ``None`` when their structures differ
+    (e.g. LoRA on some layers only): then the layer loop is used."""
+    graphdef = nnx.graphdef(self.layers[0])
+    if all(nnx.graphdef(block) == graphdef for block in self.layers[1:]):
+      return graphdef
+    return None
+
+  def _scan_blocks(self, block_def, x, positions_BxT, inv_freq, mask, is_causal, cache):
+    """``lax.scan`` over the blocks (``ModelConfig.scan_layers``).
+
+    The per-block parameters are stacked on a leading layer axis inside the
+    computation (one copy of the weights, sharded like the weights), and one block
+    body is traced and compiled instead of ``num_layers``: compile time no longer
+    grows with depth. Returns ``(x, new_k, new_v)`` (``None`` caches without ``cache``).
+    """
+    c = self.config
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(block) for block in self.layers])
+    layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+
+    def body(x, xs):
+      params, i, layer_k, layer_v = xs
+      layer_cache = None if cache is None else (layer_k, layer_v, cache.index)
+      with _in_layer(i):
+        x, out_cache = nnx.merge(block_def, params)(x, positions_BxT, inv_freq, mask, is_causal, layer_cache)
+      return x, (None, None) if out_cache is None else out_cache
+
+    if c.remat != "none" and cache is None:
+      body = jax.checkpoint(body, policy=_REMAT[c.remat], prevent_cse=False)
+    xs = (stacked, layer_ids, None if cache is None else cache.k, None if cache is None else cache.v)
+    x, (new_k, new_v) = jax.lax.scan(body, x, xs)
+    return x, new_k, new_v
 
   def unembed_matrix(self) -> jax.Array:
     """The ``[D, V]`` output projection (the transposed embedding when tied)."""

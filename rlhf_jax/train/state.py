@@ -74,6 +74,10 @@ def create_train_state(
   )
   if mesh is None:
     state = TrainState(params=params, opt_state=optimizer.init(params), extras=extras, **scalars)
+    # Committed to the default device, as the step's outputs are: otherwise the
+    # first call (uncommitted inputs) and every later one compile separately.
+    device = jax.devices()[0]
+    state = jax.tree.map(lambda x: x if getattr(x, "committed", True) else jax.device_put(x, device), state)
     return graphdef, state, None
   shardings = train_state_shardings(params, optimizer, mesh)
   # Extras keep their mesh shardings (e.g. reference params sharded like the policy);
