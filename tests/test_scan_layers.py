@@ -70,7 +70,7 @@ def test_lora_dropout_masks_match_the_loop_and_partial_lora_falls_back():
 
   def updated(base):
     model = lora.apply_lora(base, targets="all", rank=4, dropout=0.5, rngs=nnx.Rngs(1))
-    assert (model._shared_block_graphdef() is not None) == base.config.scan_layers  # scan path taken
+    assert model._shared_block_graphdef() is not None  # one structure per block: the scan path is taken
     tx = optax.sgd(1.0)
     graphdef, state, _ = lora.create_lora_train_state(model, tx)
     step = step_lib.make_train_step(lora.lora_loss(sft.make_sft_loss()), tx, graphdef, donate=False)
