@@ -175,3 +175,35 @@ def test_pack_rows_segments():
   assert p["positions_BxT"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 0]
   assert p["targets_BxT"][0].tolist() == [2, 3, 0, 5, 6, 7, 0, 0]  # no prediction across segments
   assert p["loss_mask_BxT"][0].tolist() == [1, 1, 0, 0, 1, 1, 0, 0]
+
+
+def test_skipped_rows_and_truncations_reach_the_run_metrics(tmp_path):
+  """Bad rows skipped (on_error="skip") and truncations are written as data/... metrics by the loop."""
+  import types
+
+  import jax.numpy as jnp
+
+  from rlhf_jax.train import loop
+
+  path = tmp_path / "prefs.jsonl"
+  good = {"prompt": "0123456789", "chosen": "abcdefghij", "rejected": "xy"}
+  path.write_text("\n".join(json.dumps(r) for r in [good, {"prompt": "p", "rejected": "r"}, good,
+                                                      {"prompt": "p", "chosen": " ", "rejected": "r"}]) + "\n")
+  parse = {}
+  examples = list(F.read_examples(str(path), "preference", on_error="skip", stats=parse))
+  trunc = T.new_token_stats()
+  T.tokenize_pairs(examples, CharTokenizer(), max_len=16, max_prompt_len=8, stats=trunc)
+  assert F.stats_metrics(parse, trunc) == {
+      "data/rows": 4.0, "data/ok": 2.0, "data/skipped": 2.0, "data/blank_lines": 0.0,
+      "data/skipped_by_reason/missing field": 1.0, "data/skipped_by_reason/empty completion": 1.0,
+      "data/sequences": 4.0, "data/prompt_truncated": 4.0, "data/prompt_tokens_dropped": 36.0,
+      "data/response_truncated": 2.0, "data/response_tokens_dropped": 6.0, "data/list_truncated": 0.0}
+
+  state = types.SimpleNamespace(step=jnp.zeros((), jnp.int32))
+  step_fn = lambda s, b: (types.SimpleNamespace(step=s.step + 1), {"loss": jnp.float32(1.0)})
+  batches = iter(lambda: {"input_ids_BxT": np.zeros((1, 2), np.int32)}, None)
+  loop.train_loop(step_fn=step_fn, state=state, batches=batches, num_steps=2, workdir=str(tmp_path / "run"),
+                  progress=False, data_stats=[parse, trunc])
+  rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert rows[-1]["data/skipped"] == 2 and rows[-1]["data/skipped_by_reason/missing field"] == 1
+  assert rows[-1]["data/response_truncated"] == 2 and rows[-1]["loss"] == 1.0

@@ -54,6 +54,7 @@ from rlhf_jax.data.formats import (  # noqa: E402
     DataError,
     load_examples,
     read_examples,
+    stats_metrics,
     write_sample_files,
 )
 from rlhf_jax.data.tokenize import (  # noqa: E402
@@ -73,6 +74,7 @@ __all__ += [
     "make_collate",
     "pack_rows",
     "read_examples",
+    "stats_metrics",
     "tokenize_pairs",
     "tokenize_prompts",
     "tokenize_ranked",

@@ -68,6 +68,7 @@ __all__ = [
     "best_worst_pair",
     "load_examples",
     "new_stats",
+    "stats_metrics",
     "parse_hh_transcript",
     "parse_row",
     "read_examples",
@@ -110,6 +111,34 @@ class _RowError(Exception):
 def new_stats() -> dict[str, Any]:
   """A fresh stats dict: ``rows``, ``ok``, ``skipped``, ``skipped_by_reason``, ``errors``, ``blank_lines``."""
   return {"rows": 0, "ok": 0, "skipped": 0, "skipped_by_reason": {}, "errors": [], "blank_lines": 0}
+
+
+def stats_metrics(*stats: Any, prefix: str = "data/") -> dict[str, float]:
+  """Run metrics from data counters: parse stats (`new_stats`), truncation stats
+  (`rlhf_jax.data.tokenize.new_token_stats`), or any dict of counts.
+
+  Nested counts are flattened with ``/`` (``skipped_by_reason: {"missing_field": 2}``
+  becomes ``data/skipped_by_reason/missing_field``); the error messages are not
+  metrics and are left out; counters of the same name in several dicts are summed.
+  Pass the result (or the dicts, to `rlhf_jax.train.loop.train_loop`'s ``data_stats``)
+  so skipped rows and truncations appear in the run's metrics.
+
+  >>> stats_metrics({"rows": 5, "ok": 4, "skipped": 1, "skipped_by_reason": {"empty": 1}, "errors": ["..."]})
+  {'data/rows': 5.0, 'data/ok': 4.0, 'data/skipped': 1.0, 'data/skipped_by_reason/empty': 1.0}
+  """
+  out: dict[str, float] = {}
+
+  def add(name, value):
+    if isinstance(value, dict):
+      for k, v in value.items():
+        add(f"{name}/{k}", v)
+    elif isinstance(value, (bool, int, float)) and not isinstance(value, bool):
+      out[name] = out.get(name, 0.0) + float(value)
+
+  for st in stats:
+    for key, value in (st or {}).items():
+      add(f"{prefix}{key}", value)
+  return out
 
 
 # ----------------------------------------------------------------------------- raw rows

@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -75,6 +75,18 @@ def default_token_count(batch: Mapping[str, np.ndarray]) -> int:
   return int(sum(np.asarray(batch[k]).size for k in batch if "input_ids" in k))
 
 
+def _data_metrics(data_stats) -> dict[str, float]:
+  from rlhf_jax.data.formats import stats_metrics
+
+  if data_stats is None:
+    return {}
+  if callable(data_stats):
+    data_stats = data_stats()
+  if isinstance(data_stats, Mapping):
+    data_stats = [data_stats]
+  return stats_metrics(*data_stats)
+
+
 def train_loop(
     *,
     step_fn: Callable,
@@ -93,6 +105,7 @@ def train_loop(
     count_tokens: Callable[[Mapping[str, np.ndarray]], int] = default_token_count,
     progress: bool = True,
     plot_keys: tuple[str, ...] = ("loss", "eval/loss", "grad_norm", "learning_rate"),
+    data_stats: Mapping | Sequence[Mapping] | Callable[[], Mapping] | None = None,
 ) -> LoopResult:
   """Runs ``step_fn`` until ``state.step == num_steps``, resuming from the newest checkpoint.
 
@@ -109,6 +122,12 @@ def train_loop(
     eval_fn: ``eval_fn(state) -> metrics``, every ``eval_every`` steps and at the end.
     max_nonfinite_streak: after this many consecutive skipped (non-finite)
       updates the run stops with :class:`NonFiniteError`.
+    data_stats: the data pipeline's counters (parse stats with skipped rows by
+      reason, truncation stats; a dict, a list of dicts, or a function returning
+      a dict), read at each logged step and written as ``data/...`` metrics
+      (`rlhf_jax.data.stats_metrics`), so rows skipped or truncated by the
+      pipeline are in the run's metrics. Live dicts that grow as batches are made
+      are fine: the current counts are written.
   """
   main = jax.process_index() == 0
   resume_step = None
@@ -158,6 +177,7 @@ def train_loop(
     if step % log_every == 0 or step == num_steps:
       elapsed = max(time.perf_counter() - window_start, 1e-9)
       host["tokens_per_sec"] = window_tokens / elapsed
+      host.update(_data_metrics(data_stats))
       window_tokens, window_start = 0, time.perf_counter()
       last = writer.write(step, host)
       if bar is not None:
