@@ -1,5 +1,7 @@
 """LoRA: exact at init, only adapters train, merge, dropout, sharded == unsharded, Orbax, frozen base as DPO reference."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,7 +152,15 @@ def test_orbax_round_trip_of_lora_state(tmp_path):
   ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
   ckpt.save(int(state.step), state)
   ckpt.wait()
-  restored, _ = ckpt.restore(abstract_like(state))
+  # Only adapters, their optimizer state and the scalars are written, not the frozen base.
+  saved = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp_path / "ckpt") for f in fs)
+  base_bytes = sum(x.nbytes for x in jax.tree.leaves(state.extras["frozen_params"]))
+  adapter_bytes = 3 * sum(x.nbytes for x in jax.tree.leaves(state.params))  # params + Adam's two moments
+  assert saved < base_bytes / 4 and saved > adapter_bytes / 2, (saved, base_bytes, adapter_bytes)
+  with pytest.raises(ValueError, match="frozen_params.*like="):
+    ckpt.restore(abstract_like(state))
+  fresh = lora.create_lora_train_state(model, optax.adam(1e-3), mesh=mesh)[1]  # base re-loaded, new adapters
+  restored, _ = ckpt.restore(abstract_like(state), like=fresh)
   ckpt.close()
   jax.tree.map(np.testing.assert_array_equal, _np(restored), _np(state))
   a = restored.params["layers"][0]["attn"]["wq_lora"]["a"].get_value()

@@ -133,7 +133,7 @@ def train_loop(
   resume_step = None
   if checkpointer is not None and checkpointer.latest_step() is not None:
     resume_step = checkpointer.latest_step()
-    state, data_state = checkpointer.restore(abstract_like(state, state_shardings), resume_step)
+    state, data_state = checkpointer.restore(abstract_like(state, state_shardings), resume_step, like=state)
     if data_state and hasattr(batches, "set_state"):
       batches.set_state(data_state)
     if main:

@@ -249,7 +249,7 @@ def run_online(
   resume = None
   if checkpointer is not None and checkpointer.latest_step() is not None:
     resume = checkpointer.latest_step()
-    state, data_state = checkpointer.restore(abstract_like(state, state_shardings), resume)
+    state, data_state = checkpointer.restore(abstract_like(state, state_shardings), resume, like=state)
     start = int(data_state.get("iteration", 0))
   main = jax.process_index() == 0
   writer = MetricWriter(workdir, enabled=main, resume_step=start if resume is not None else None)
