@@ -9,7 +9,7 @@ What it does:
     Train and held-out questions are disjoint ``(a, b)`` pairs (256 train, 64 held out).
     Pairs go through the data module (`rlhf_jax.data.tokenize.make_collate("pair")`,
     the model's chat template, explicit truncation policy with ``overlong="raise"``:
-    nothing is ever cut, counted in ``token_stats``).
+    nothing is ever cut, counted in ``token_stats`` and in the metrics as ``data/...``).
   * LoRA rank 8 (alpha 16) on ``wq``, ``wv`` of the 30 blocks: 460,800 trained
     parameters; the 134.5M base weights stay frozen in ``extras["frozen_params"]``
     and are the DPO reference through ``lora_loss(..., base_as_reference=True)``
@@ -50,7 +50,6 @@ Not done: a generation metric (greedy answers checked by rule); a 30-layer decod
 compile would add about a minute on CPU.
 """
 
-import json
 import os
 import time
 
@@ -64,7 +63,7 @@ from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.data import tokenize
 from rlhf_jax.models import lora
 from rlhf_jax.models.pretrained import fetch_smollm2, from_pretrained
-from rlhf_jax.train import loop, optim, preference, step as step_lib
+from rlhf_jax.train import loop, optim, preference, step as step_lib, writers
 
 
 def get_config(arg=None):
@@ -245,7 +244,8 @@ def main(config, workdir):
                           checkpointer=ck, state_shardings=shardings, checkpoint_every=config.checkpoint_every,
                           eval_fn=eval_fn, eval_every=config.eval.every, progress=config.progress,
                           plot_keys=("loss", "rewards/accuracies", "rewards/margins", "eval/logp_accuracy",
-                                     "eval/reward_accuracy"))
+                                     "eval/reward_accuracy"),
+                          data_stats=stats)  # truncation counters as data/... metrics
   finally:
     ck.close()
   timings["train_s"] = time.perf_counter() - t1
@@ -266,9 +266,6 @@ def main(config, workdir):
       "timings": timings,
       "final_dpo_metrics": res.last_metrics,
   }
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "result.json"), "w") as f:
-      json.dump(result, f, indent=1)
-    print(json.dumps({k: v for k, v in result.items() if k != "final_dpo_metrics"}))
+  writers.write_result(workdir, result, not_printed=("final_dpo_metrics",))
   res.eval_metrics = {k: v for k, v in result.items() if k != "final_dpo_metrics"}
   return res

@@ -25,7 +25,6 @@ ascending with 46% wrong. Try it with ``--config.dpo.losses="('sigmoid',)"
 --config.dpo.loss_weights="(1.0,)"``.
 """
 
-import json
 import os
 
 import jax
@@ -36,7 +35,7 @@ from flax import nnx
 from rlhf_jax import data, models, parallel, sampling
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.data import preference as pref_data
-from rlhf_jax.train import loop, optim, preference, sft, state as state_lib, step as step_lib
+from rlhf_jax.train import loop, optim, preference, sft, state as state_lib, step as step_lib, writers
 
 
 def get_config(arg=None):
@@ -157,9 +156,6 @@ def main(config, workdir):
       "final_dpo_metrics": dpo_result.last_metrics,
   }
   result["improvement"] = result["policy_ascending_rate"] - result["reference_ascending_rate"]
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "result.json"), "w") as f:
-      json.dump(result, f, indent=1)
-    print(json.dumps({k: v for k, v in result.items() if k != "final_dpo_metrics"}))
+  writers.write_result(workdir, result, not_printed=("final_dpo_metrics",))
   dpo_result.eval_metrics = {k: v for k, v in result.items() if k != "final_dpo_metrics"}
   return dpo_result

@@ -17,7 +17,6 @@ groups agree (all right or all wrong) and carry no gradient; without it the
 same run gains only 0.05. Results: ``<workdir>/result.json``.
 """
 
-import json
 import os
 
 import jax
@@ -27,7 +26,7 @@ from flax import nnx
 
 from rlhf_jax import advantages, data, models, parallel, sampling
 from rlhf_jax.checkpoint import Checkpointer
-from rlhf_jax.train import loop, online, optim, sft, state as state_lib, step as step_lib
+from rlhf_jax.train import loop, online, optim, sft, state as state_lib, step as step_lib, writers
 
 
 def get_config(arg=None):
@@ -134,8 +133,5 @@ def main(config, workdir):
   result = {"sft_accuracy": sft_accuracy, "rl_accuracy": greedy_accuracy(graphdef, state.params, d.task, held_out, max_new)}
   result["improvement"] = result["rl_accuracy"] - result["sft_accuracy"]
   result["final_metrics"] = last
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "result.json"), "w") as f:
-      json.dump(result, f, indent=1)
-    print(json.dumps({k: v for k, v in result.items() if k != "final_metrics"}))
+  writers.write_result(workdir, result, not_printed=("final_metrics",))
   return loop.LoopResult(state, last, result, False, 0, rl.num_iterations)

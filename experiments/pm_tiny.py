@@ -14,7 +14,6 @@ Hardware: 2 CPU cores, about 1 minute. Expected: held-out accuracy about 0.9
 error of 0 (float rounding). Results: ``<workdir>/result.json``.
 """
 
-import json
 import os
 
 import jax
@@ -26,7 +25,7 @@ from rlhf_jax import data, models, parallel
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.data import preference as pref_data
 from rlhf_jax.rewards import metrics
-from rlhf_jax.train import loop, optim, reward, state as state_lib, step as step_lib
+from rlhf_jax.train import loop, optim, reward, state as state_lib, step as step_lib, writers
 
 
 def get_config(arg=None):
@@ -86,9 +85,6 @@ def main(config, workdir):
       "heldout_calibration_error": metrics.calibration_error(p12, b["label_B"]),
       "symmetry_error": float(np.max(np.abs(p12 + p21 - 1))),
   }
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "result.json"), "w") as f:
-      json.dump(out, f, indent=1)
-    print(json.dumps(out))
+  writers.write_result(workdir, out)
   result.eval_metrics = out
   return result

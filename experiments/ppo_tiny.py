@@ -21,7 +21,6 @@ sortedness (counted only for true permutations of the prompt) from 0.41 to
 tests/test_ppo_experiment.py asserts a reduced run. Results: ``<workdir>/result.json``.
 """
 
-import json
 import os
 
 import jax
@@ -33,7 +32,7 @@ from rlhf_jax import data, models, parallel, sampling
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.data import preference as pref_data
 from rlhf_jax.rewards import shaping
-from rlhf_jax.train import loop, online, optim, ppo, reward, sft, state as state_lib, step as step_lib
+from rlhf_jax.train import loop, online, optim, ppo, reward, sft, state as state_lib, step as step_lib, writers
 
 
 def get_config(arg=None):
@@ -180,8 +179,5 @@ def main(config, workdir):
     ck.close()
   after = evaluate(state.params["policy"])
   result = {"before": before, "after": after, "final_metrics": last}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "result.json"), "w") as f:
-      json.dump(result, f, indent=1)
-    print(json.dumps({"before": before, "after": after}))
+  writers.write_result(workdir, result, not_printed=("final_metrics",))
   return loop.LoopResult(state, last, result, False, 0, p.num_iterations)

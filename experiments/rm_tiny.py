@@ -14,7 +14,6 @@ curves whose gold reward rises with N for the mean, min and mean−λ·var
 ensemble aggregations. Results go to ``<workdir>/result.json``.
 """
 
-import json
 import os
 
 import jax
@@ -27,7 +26,7 @@ from rlhf_jax import data, models, parallel
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.data import preference as pref_data
 from rlhf_jax.rewards import ensembles, metrics
-from rlhf_jax.train import loop, optim, reward, state as state_lib, step as step_lib
+from rlhf_jax.train import loop, optim, reward, state as state_lib, step as step_lib, writers
 
 
 def get_config(arg=None):
@@ -113,9 +112,6 @@ def main(config, workdir):
                            for name, v in aggregations.items()}
   out["random_gold"] = float(gold.mean())
   out["oracle_gold"] = float(gold.max(1).mean())
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "result.json"), "w") as f:
-      json.dump(out, f, indent=1)
-    print(json.dumps(out))
+  writers.write_result(workdir, out)
   result.eval_metrics = out
   return result

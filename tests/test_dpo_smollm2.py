@@ -44,7 +44,9 @@ def test_dpo_lora_smollm2_learns_heldout_preference_and_trains_only_adapters(tmp
   # The DPO loss went down: held-out (log 2 at the start) and in training.
   assert abs(before["dpo_loss"] - np.log(2)) < 1e-5, saved
   assert after["dpo_loss"] < before["dpo_loss"] - 0.05, saved
-  losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
+  losses = [r["loss"] for r in rows]
+  assert rows[-1]["data/sequences"] > 0 and rows[-1]["data/prompt_truncated"] == 0  # data counters in the metrics
   assert len(losses) == config.dpo.num_steps
   assert abs(losses[0] - np.log(2)) < 1e-5
   assert np.mean(losses[-4:]) < np.log(2) - 0.05, losses

@@ -98,3 +98,15 @@ def plot_curves(jsonl_path: str, png_path: str, keys: tuple[str, ...] = ("loss",
   fig.savefig(png_path, dpi=100)
   plt.close(fig)
   return png_path
+
+
+def write_result(workdir: str, result: Mapping, *, not_printed: tuple[str, ...] = ()) -> None:
+  """An experiment's summary: ``<workdir>/result.json`` and one JSON line on stdout
+  (without the ``not_printed`` keys, e.g. the full final metrics), from process 0 only."""
+  import jax
+
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, "result.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  print(json.dumps({k: v for k, v in result.items() if k not in not_printed}))
