@@ -81,7 +81,7 @@ def sample_orders(graphdef, params, prompts, *, temperature, seed, max_new_token
 
 def main(config, workdir):
   mesh = parallel.make_mesh(dict(config.mesh))
-  cfg = models.get_config(config.model.name, **{k: v for k, v in config.model.items() if k != "name"})
+  cfg = models.config_from_section(config.model)
   d = config.data
   put = lambda b: parallel.host_local_to_global(b, mesh)
 

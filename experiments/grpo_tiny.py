@@ -61,7 +61,7 @@ def greedy_accuracy(graphdef, params, task, prompts, max_new_tokens):
 
 def main(config, workdir):
   mesh = parallel.make_mesh(dict(config.mesh))
-  cfg = models.get_config(config.model.name, **{k: v for k, v in config.model.items() if k != "name"})
+  cfg = models.config_from_section(config.model)
   d, rl = config.data, config.rl
   put = lambda b: parallel.host_local_to_global(b, mesh)
   max_new = d.max_len + 1  # the answer and EOS

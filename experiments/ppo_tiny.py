@@ -79,9 +79,8 @@ def _train(step_fn, state, shardings, batches, num_steps, workdir, put, progress
 
 def main(config, workdir):
   mesh = parallel.make_mesh(dict(config.mesh))
-  model_kw = {k: v for k, v in config.model.items() if k != "name"}
-  policy_cfg = models.get_config(config.model.name, **model_kw)
-  critic_cfg = models.get_config(config.model.name, scalar_head_outputs=1, **model_kw)
+  policy_cfg = models.config_from_section(config.model)
+  critic_cfg = models.config_from_section(config.model, scalar_head_outputs=1)
   d, p = config.data, config.ppo
   put = lambda b: parallel.host_local_to_global(b, mesh)
   strip = lambda b: {k: v for k, v in b.items() if not k.endswith("_B")}

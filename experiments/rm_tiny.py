@@ -52,7 +52,7 @@ def get_config(arg=None):
 
 def main(config, workdir):
   mesh = parallel.make_mesh(dict(config.mesh))
-  cfg = models.get_config(config.model.name, **{k: v for k, v in config.model.items() if k != "name"})
+  cfg = models.config_from_section(config.model)
   d = config.data
   put = lambda b: parallel.host_local_to_global(b, mesh)
   strip = lambda b: {k: v for k, v in b.items() if not k.endswith("_B") or k == "margin_B"}

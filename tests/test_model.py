@@ -167,3 +167,11 @@ def test_config_errors_name_field_and_choices():
     models.get_config("tiny", hiden_size=3)
   with pytest.raises(ValueError, match="num_kv_heads"):
     models.get_config("tiny", num_kv_heads=3)
+
+
+def test_config_from_section_names_the_config_and_overrides_fields():
+  section = {"name": "tiny", "num_layers": 3, "remat": "full"}
+  c = models.config_from_section(section, scalar_head_outputs=1)
+  assert c == models.get_config("tiny").replace(num_layers=3, remat="full", scalar_head_outputs=1)
+  with pytest.raises(ValueError, match="no_such_field"):
+    models.config_from_section({"name": "tiny", "no_such_field": 1})

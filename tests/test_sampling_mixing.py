@@ -165,3 +165,12 @@ def test_nlpo_top_p_mask_and_errors(policy, other):
     plain(policy[1], ids, mask, jax.random.key(0), None, other[1])
   with pytest.raises(ValueError, match="pass mask_params"):
     make_generate_fn(policy[0], max_new_tokens=2, mask_graphdef=other[0])(policy[1], ids, mask, jax.random.key(0))
+
+
+def test_apply_mask_shared_and_per_row():
+  logits = jnp.asarray([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], jnp.bfloat16)
+  shared = processors.apply_mask(logits, jnp.asarray([True, False, True]))
+  assert shared.dtype == jnp.float32
+  np.testing.assert_array_equal(shared, [[1.0, -np.inf, 3.0], [4.0, -np.inf, 6.0]])
+  rows = processors.apply_mask(logits, jnp.asarray([[False, True, True], [True, True, False]]))
+  np.testing.assert_array_equal(rows, [[-np.inf, 2.0, 3.0], [4.0, 5.0, -np.inf]])

@@ -1,6 +1,6 @@
 """Flax NNX transformers, heads and named configs."""
 
-from rlhf_jax.models.config import CONFIGS, ModelConfig, get_config
+from rlhf_jax.models.config import CONFIGS, ModelConfig, config_from_section, get_config
 from rlhf_jax.models.heads import GatingNetwork
 from rlhf_jax.models.init import create_model, create_sharded_model
 from rlhf_jax.models.transformer import (
@@ -14,7 +14,7 @@ from rlhf_jax.models.transformer import (
 
 __all__ = [
     "CONFIGS", "GatingNetwork", "KVCache", "ModelConfig", "Transformer", "apply_rope", "create_model",
-    "create_sharded_model", "get_config", "init_cache", "positions_from_mask",
+    "config_from_section", "create_sharded_model", "get_config", "init_cache", "positions_from_mask",
     "rope_frequencies",
 ]
 

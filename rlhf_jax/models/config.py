@@ -181,3 +181,10 @@ def get_config(name: str, **overrides) -> ModelConfig:
   if bad:
     raise ValueError(f"unknown ModelConfig fields {sorted(bad)}; valid fields: {sorted(fields)}")
   return CONFIGS[name].replace(**overrides)
+
+
+def config_from_section(section, **overrides) -> ModelConfig:
+  """The :class:`ModelConfig` an experiment's ``config.model`` section names: ``name`` picks
+  the named config and every other key (and ``overrides``) replaces a field of it."""
+  fields = {k: v for k, v in dict(section).items() if k != "name"}
+  return get_config(section["name"], **fields, **overrides)

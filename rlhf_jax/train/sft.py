@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from rlhf_jax import ops
 from rlhf_jax.losses.sft import sft_loss
@@ -91,8 +89,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   from rlhf_jax.train import loop, optim, state as state_lib, step as step_lib
 
   mesh = parallel.make_mesh(dict(config.mesh))
-  model_overrides = {k: v for k, v in config.model.items() if k != "name"}
-  model_cfg = models.get_config(config.model.name, **model_overrides)
+  model_cfg = models.config_from_section(config.model)
   if model_cfg.vocab_size < data_lib.VOCAB_SIZE:
     raise ValueError(
         f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the task vocabulary "
