@@ -20,8 +20,7 @@ import ml_collections
 USAGE = "usage: python -m rlhf_jax.run EXPERIMENT.py[:ARG] [--config.KEY=VALUE ...] [--workdir DIR]"
 
 
-class ConfigError(ValueError):
-  pass
+from rlhf_jax.errors import ConfigError, UserError  # noqa: E402,F401  (re-exported)
 
 
 def load_experiment(spec: str):

@@ -61,6 +61,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from rlhf_jax.errors import UserError
+
 __all__ = [
     "DataError",
     "FORMATS",
@@ -90,7 +92,7 @@ FORMATS = tuple(KIND_OF_FORMAT)
 _MAX_ERRORS_KEPT = 20
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """A bad row: ``path``, ``line`` (JSONL line, 1-based, or Parquet row, 0-based), ``field``, ``reason``."""
 
   def __init__(self, path: str, line: int | str, field: str | None, reason: str, detail: str = ""):

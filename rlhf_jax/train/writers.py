@@ -100,13 +100,64 @@ def plot_curves(jsonl_path: str, png_path: str, keys: tuple[str, ...] = ("loss",
   return png_path
 
 
-def write_result(workdir: str, result: Mapping, *, not_printed: tuple[str, ...] = ()) -> None:
-  """An experiment's summary: ``<workdir>/result.json`` and one JSON line on stdout
-  (without the ``not_printed`` keys, e.g. the full final metrics), from process 0 only."""
+def make_headline(metric: str, before: float, after: float, *, higher_is_better: bool = True) -> dict:
+  """The one figure that tells whether a run worked: ``metric`` on held-out data before and after training."""
+  return {"metric": str(metric), "before": float(before), "after": float(after),
+          "higher_is_better": bool(higher_is_better)}
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return str(v)
+
+
+def summary_lines(workdir: str, result: Mapping, *, train_metrics: Mapping | None = None,
+                  eval_metrics: Mapping | None = None, paths: Mapping[str, str] | None = None,
+                  max_metrics: int = 8) -> list[str]:
+  """The short human summary printed at the end of a run (see `write_result`)."""
+  h = result["headline"]
+  arrow = "better" if (h["after"] > h["before"]) == h.get("higher_is_better", True) else "NOT better"
+  if h["after"] == h["before"]:
+    arrow = "unchanged"
+  lines = [f"headline (held-out): {h['metric']} {_fmt(h['before'])} -> {_fmt(h['after'])} ({arrow})"]
+  for name, metrics in (("final train", train_metrics), ("final eval", eval_metrics)):
+    if metrics:
+      items = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+      shown = ", ".join(f"{k} {_fmt(v)}" for k, v in items[:max_metrics])
+      lines.append(f"{name}: {shown}" + (" ..." if len(items) > max_metrics else ""))
+  files = {"result": os.path.join(workdir, "result.json")}
+  for name in ("metrics.jsonl", "curves.png", "samples.jsonl"):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      files[name] = path
+  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    files["checkpoints"] = os.path.join(workdir, "checkpoints")
+  files.update({k: v for k, v in (paths or {}).items() if v})
+  lines += [f"  {k}: {v}" for k, v in files.items()]
+  return lines
+
+
+def write_result(workdir: str, result: Mapping, *, not_printed: tuple[str, ...] = (),
+                 train_metrics: Mapping | None = None, eval_metrics: Mapping | None = None,
+                 paths: Mapping[str, str] | None = None) -> None:
+  """An experiment's summary: ``<workdir>/result.json``, one JSON line on stdout (without the
+  ``not_printed`` keys, e.g. the full final metrics) and a short human summary, from process 0 only.
+
+  ``result["headline"]`` is required: ``{"metric", "before", "after"}`` (`make_headline`), the
+  held-out figure before and after training. The summary names the final train and eval
+  metrics (``train_metrics``, ``eval_metrics``) and where the outputs are (``paths``, e.g.
+  ``{"hf_export": dir}``, plus metrics.jsonl, curves.png and checkpoints when present).
+  """
   import jax
 
+  head = result.get("headline")
+  if not isinstance(head, Mapping) or not {"metric", "before", "after"} <= set(head):
+    raise ValueError("write_result: result['headline'] must be {'metric', 'before', 'after'} (make_headline)")
   if jax.process_index() != 0:
     return
   with open(os.path.join(workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
   print(json.dumps({k: v for k, v in result.items() if k not in not_printed}))
+  print("\n".join(summary_lines(workdir, result, train_metrics=train_metrics, eval_metrics=eval_metrics,
+                                paths=paths)), flush=True)
