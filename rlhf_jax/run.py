@@ -3,21 +3,34 @@
 An experiment is a Python file with ``get_config(arg=None) -> ml_collections.ConfigDict``
 and ``main(config, workdir)``. Overrides are type-checked against the config:
 an unknown key or a value of the wrong type is an error naming the key and the
-valid choices.
+valid choices. A tuple or list key takes a bare value (``--config.data.train_files=a.jsonl``),
+a comma-separated list (``--config.lora.targets=wq,wv``) or a Python literal.
+
+``--help`` after the experiment file lists its config keys with their defaults
+and meanings (from the experiment's optional ``CONFIG_HELP = {"dotted.key": "one line"}``).
+
+Exit status: 0 done; 2 a user error (`rlhf_jax.errors.UserError`: a bad config
+value, a missing or malformed data file), printed as one ``error: ...`` line; 143
+stopped by SIGTERM and 130 by SIGINT (Ctrl-C), after saving a checkpoint the next
+run resumes from.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
 import logging
 import os
+import signal
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
-USAGE = "usage: python -m rlhf_jax.run EXPERIMENT.py[:ARG] [--config.KEY=VALUE ...] [--workdir DIR]"
+USAGE = "usage: python -m rlhf_jax.run EXPERIMENT.py[:ARG] [--config.KEY=VALUE ...] [--workdir DIR] [--help]"
+
+HELP_FLAGS = ("-h", "--help")
 
 
 from rlhf_jax.errors import ConfigError, UserError  # noqa: E402,F401  (re-exported)
@@ -37,6 +50,97 @@ def load_experiment(spec: str):
     if not hasattr(module, attr):
       raise ConfigError(f"experiment {path} must define {attr}()")
   return module, (arg or None)
+
+
+def _flat_items(config: Any, prefix: str = "") -> list[tuple[str, Any]]:
+  """``(dotted key, value)`` of every leaf, in the config's order; an empty section is a leaf."""
+  if isinstance(config, ml_collections.ConfigDict):
+    items = list(config.items())
+  elif isinstance(config, Mapping):
+    items = list(config.items())
+  else:
+    return [(prefix, config)]
+  if not items and prefix:
+    return [(prefix, config.to_dict() if hasattr(config, "to_dict") else dict(config))]
+  out = []
+  for k, v in items:
+    key = f"{prefix}.{k}" if prefix else str(k)
+    if isinstance(v, (ml_collections.ConfigDict, Mapping)):
+      out += _flat_items(v, key)
+    else:
+      out.append((key, v))
+  return out
+
+
+def config_help_lines(config: ml_collections.ConfigDict, help: Mapping[str, str]) -> list[str]:
+  """One line per config key: ``  dotted.key  default  meaning`` (meaning from ``help``, may be absent)."""
+  items = [(k, repr(v)) for k, v in _flat_items(config)]
+  if not items:
+    return []
+  kw = max(len(k) for k, _ in items)
+  vw = min(max(len(v) for _, v in items), 28)
+  lines = []
+  for k, v in items:
+    meaning = (help or {}).get(k, "")
+    lines.append(f"  {k:<{kw}}  {v:<{vw}}  {meaning}".rstrip())
+  return lines
+
+
+def undocumented_keys(config: ml_collections.ConfigDict, help: Mapping[str, str]) -> list[str]:
+  """The dotted config keys with no entry in ``help`` (an experiment's ``CONFIG_HELP``)."""
+  return [k for k, _ in _flat_items(config) if k not in (help or {})]
+
+
+def experiment_help(module, config: ml_collections.ConfigDict, spec: str) -> str:
+  """The ``--help`` text: the docstring's first paragraph, the usage and every config key."""
+  doc = inspect.cleandoc(module.__doc__ or "").split("\n\n")[0].strip()
+  path = spec.partition(":")[0]
+  parts = [doc] if doc else []
+  parts.append(USAGE.replace("EXPERIMENT.py", path))
+  keys = "\n".join(config_help_lines(config, getattr(module, "CONFIG_HELP", None) or {}))
+  parts.append("config keys (--config.KEY=VALUE; key, default, meaning):\n" + keys)
+  return "\n\n".join(parts)
+
+
+_TUPLE_HINT = "a bare value, a comma-separated list (a,b) or a literal ('a', 'b')"
+
+
+def _element_type(current: Sequence) -> type | None:
+  """The one element type of a non-empty homogeneous default tuple (bool, int, float or str), else None."""
+  kinds = {type(x) for x in current}
+  if len(kinds) == 1 and next(iter(kinds)) in (bool, int, float, str):
+    return next(iter(kinds))
+  if kinds and kinds <= {int, float}:
+    return float
+  return None
+
+
+def _parse_sequence(key: str, raw: str, current: Sequence) -> Sequence:
+  elem = _element_type(current)
+  what = f"a tuple or list{f' of {elem.__name__}' if elem else ''}: {_TUPLE_HINT}"
+
+  def fail(got):
+    raise ConfigError(f"--config.{key}={raw!r}: expected {what}; got a value of another type ({got})")
+
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError, MemoryError, RecursionError):
+    value = tuple(p.strip() for p in raw.split(",") if p.strip())  # bare words: a,b or one path
+  if isinstance(value, str):
+    value = (value,)
+  if not isinstance(value, (tuple, list)):
+    fail(type(value).__name__)
+  if elem is not None:
+    out = []
+    for x in value:
+      if elem is float and isinstance(x, (int, float)) and not isinstance(x, bool):
+        out.append(float(x))
+      elif type(x) is elem:
+        out.append(x)
+      else:
+        fail(f"{type(x).__name__} element {x!r}")
+    value = out
+  return type(current)(value)
 
 
 def _parse_value(key: str, raw: str, current: Any) -> Any:
@@ -63,13 +167,7 @@ def _parse_value(key: str, raw: str, current: Any) -> Any:
   if isinstance(current, str):
     return raw
   if isinstance(current, (tuple, list)):
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      fail("a tuple or list literal, e.g. (1,2)")
-    if not isinstance(value, (tuple, list)):
-      fail("a tuple or list literal, e.g. (1,2)")
-    return type(current)(value)
+    return _parse_sequence(key, raw, current)
   if current is None:
     try:
       return ast.literal_eval(raw)
@@ -78,20 +176,31 @@ def _parse_value(key: str, raw: str, current: Any) -> Any:
   raise ConfigError(f"--config.{key}: cannot override a value of type {type(current).__name__}")
 
 
+FREE_FORM_SUFFIX = "_kwargs"
+"""Sections whose name ends with this take any key (hyper-parameters of a named function)."""
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> ml_collections.ConfigDict:
-  """Sets ``a.b.c=value`` pairs, checking keys and types."""
+  """Sets ``a.b.c=value`` pairs, checking keys and types.
+
+  A section named ``*_kwargs`` (e.g. ``loss_kwargs``) is free-form: a new key may be set
+  there, its value read as a Python literal (``0.1``, ``True``, ``(1, 2)``) or else a string.
+  """
   for key, raw in overrides:
     node = config
     parts = key.split(".")
     for i, part in enumerate(parts):
       where = ".".join(parts[:i]) or "<top level>"
+      if (i == len(parts) - 1 and isinstance(node, ml_collections.ConfigDict) and part not in node
+          and where.endswith(FREE_FORM_SUFFIX)):
+        break  # a free-form section (e.g. loss_kwargs): any key, its value parsed as a literal
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
         valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
         raise ConfigError(f"unknown config key {key!r}: {part!r} is not under {where}; valid keys there: {valid}")
       if i < len(parts) - 1:
         node = node[part]
     last = parts[-1]
-    value = _parse_value(key, raw, node[last])
+    value = _parse_value(key, raw, node[last] if last in node else None)
     with node.unlocked() if hasattr(node, "unlocked") else _null():
       node[last] = value
   return config
@@ -105,14 +214,19 @@ class _null:
     return False
 
 
-def parse_args(argv: Sequence[str]) -> tuple[str, list[tuple[str, str]], str | None]:
+def _parse(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]], str | None, bool]:
+  """``(spec, overrides, workdir, help)``; ``spec`` is None for a bare ``--help``."""
+  if argv and argv[0] in HELP_FLAGS:
+    return None, [], None, True
   if not argv or argv[0].startswith("-"):
     raise ConfigError(USAGE)
-  spec, overrides, workdir = argv[0], [], None
+  spec, overrides, workdir, want_help = argv[0], [], None, False
   rest = list(argv[1:])
   while rest:
     a = rest.pop(0)
-    if a.startswith("--workdir"):
+    if a in HELP_FLAGS:
+      want_help = True
+    elif a.startswith("--workdir"):
       workdir = a.split("=", 1)[1] if "=" in a else (rest.pop(0) if rest else None)
       if not workdir:
         raise ConfigError("--workdir needs a directory")
@@ -127,34 +241,59 @@ def parse_args(argv: Sequence[str]) -> tuple[str, list[tuple[str, str]], str | N
       overrides.append((k, v))
     else:
       raise ConfigError(f"unknown argument {a!r} ({USAGE})")
+  return spec, overrides, workdir, want_help
+
+
+def parse_args(argv: Sequence[str]) -> tuple[str, list[tuple[str, str]], str | None]:
+  """``(experiment spec, [(dotted key, raw value)], workdir or None)``; ``--help`` is ignored here."""
+  spec, overrides, workdir, _ = _parse(argv)
+  if spec is None:
+    raise ConfigError(USAGE)
   return spec, overrides, workdir
 
 
+def exit_status(result: Any) -> int:
+  """0, or 130 / 143 when ``result.preempted`` (SIGINT / SIGTERM, from ``result.signum``)."""
+  if not getattr(result, "preempted", False):
+    return 0
+  return 130 if getattr(result, "signum", None) == signal.SIGINT else 143
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+  """The command line; returns the exit status (see the module docstring)."""
   argv = sys.argv[1:] if argv is None else argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   for noisy in ("absl", "orbax", "jax._src"):  # Orbax logs every save phase at INFO
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
-    spec, overrides, workdir = parse_args(argv)
-    from rlhf_jax.parallel import initialize
+    spec, overrides, workdir, want_help = _parse(argv)
+    if spec is None:
+      print(USAGE + "\n\n" + __doc__.split("\n\n", 1)[1].strip(), flush=True)
+      return 0
+    if not want_help:
+      from rlhf_jax.parallel import initialize
 
-    initialize()  # multi-host start-up; a no-op for one process
+      initialize()  # multi-host start-up; a no-op for one process
     module, arg = load_experiment(spec)
     config = module.get_config(arg)
     apply_overrides(config, overrides)
+    if want_help:
+      print(experiment_help(module, config, spec), flush=True)
+      return 0
     config.lock()
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
+    if workdir is None:
+      base = os.path.splitext(os.path.basename(spec.partition(":")[0]))[0]
+      workdir = os.path.join("runs", base)
+    os.makedirs(workdir, exist_ok=True)
+    result = module.main(config, workdir)
+  except UserError as e:
+    message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    print(f"error: {message}", file=sys.stderr, flush=True)
     return 2
-  if workdir is None:
-    base = os.path.splitext(os.path.basename(spec.partition(":")[0]))[0]
-    workdir = os.path.join("runs", base)
-  os.makedirs(workdir, exist_ok=True)
-  result = module.main(config, workdir)
-  if getattr(result, "preempted", False):
-    return 143
-  return 0
+  except KeyboardInterrupt:
+    print("interrupted (SIGINT)", file=sys.stderr, flush=True)
+    return 130
+  return exit_status(result)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ It holds no algorithm logic: what a step does is the step factory's business.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ class LoopResult:
   preempted: bool
   start_step: int
   end_step: int
+  signum: int | None = None  # the signal that stopped a preempted run (SIGTERM, SIGINT), else None
 
 
 class _StopFlag:
@@ -57,6 +59,94 @@ class _StopFlag:
   def __exit__(self, *exc):
     for s, h in self._old.items():
       signal.signal(s, h)
+
+
+RUN_CONFIG_FILE = "run_config.json"
+
+# A resumed run warns when a config key containing one of these changed since the checkpoint.
+WATCHED_CONFIG_KEYS = ("num_steps", "num_epochs", "num_iterations", "optimizer.", "learning_rate", "schedule",
+                       "warmup_steps", "batch_size")
+
+
+def flatten_config(config: Any) -> dict[str, Any]:
+  """``{"a.b.c": value}`` for a nested dict or an ``ml_collections.ConfigDict`` (via ``to_dict()``)."""
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  out: dict[str, Any] = {}
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      key = f"{prefix}.{k}" if prefix else str(k)
+      if hasattr(v, "to_dict"):
+        v = v.to_dict()
+      if isinstance(v, Mapping) and v:
+        walk(v, key)
+      else:
+        out[key] = v
+
+  walk(config, "")
+  return out
+
+
+def _show(v: Any) -> str:
+  return repr(v) if isinstance(v, str) else str(v)
+
+
+def config_drift(saved: Mapping, current: Mapping, watched: Sequence[str] = WATCHED_CONFIG_KEYS) -> list[str]:
+  """The warning lines for watched keys whose value differs between two (nested) configs."""
+  old, new = flatten_config(saved), flatten_config(current)
+  lines = []
+  for key in sorted(set(old) | set(new)):
+    if not any(w in key for w in watched):
+      continue
+    a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+    if a != b:
+      lines.append(f"config changed since the checkpoint: {key} {_show(a)} -> {_show(b)} "
+                   "(the run resumes with the new value)")
+  return lines
+
+
+def record_run_config(workdir: str, run_config: Any, *, resumed: bool) -> list[str]:
+  """Writes ``<workdir>/run_config.json``; on a resume first warns about watched keys that changed.
+
+  ``run_config`` is the run's config (a dict or a ``ConfigDict``). On a resume the
+  saved file (when there is one) is compared with it: each changed key of
+  `WATCHED_CONFIG_KEYS` (step counts, optimizer, schedule, batch size) is printed
+  and logged as one warning line, then the file is rewritten with the new config.
+  Process 0 only; returns the warning lines.
+  """
+  if run_config is None or jax.process_index() != 0:
+    return []
+  if hasattr(run_config, "to_dict"):
+    run_config = run_config.to_dict()
+  current = json.loads(json.dumps(run_config, default=str))  # tuples -> lists, as read back from the file
+  path = os.path.join(workdir, RUN_CONFIG_FILE)
+  lines = []
+  if resumed and os.path.exists(path):
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+    except (OSError, ValueError) as e:
+      log.warning("cannot read %s (%s); not checking the config against the checkpoint", path, e)
+      saved = None
+    if isinstance(saved, Mapping):
+      lines = config_drift(saved, current)
+      for line in lines:
+        print(line, flush=True)
+        log.warning("%s", line)
+  os.makedirs(workdir, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(json.dumps(run_config, default=str, indent=1) + "\n")
+  os.replace(tmp, path)
+  return lines
+
+
+def resume_message(restored: int, total: int, directory: str, *, unit: str = "step") -> str:
+  """``resumed from step N of M (dir)``, or ``already complete at step N (dir): nothing to train``."""
+  if restored >= total:
+    return f"already complete at {unit} {restored} ({directory}): nothing to train"
+  return f"resumed from {unit} {restored} of {total} ({directory})"
 
 
 def _any_process(flag: bool) -> bool:
@@ -106,6 +196,7 @@ def train_loop(
     progress: bool = True,
     plot_keys: tuple[str, ...] = ("loss", "eval/loss", "grad_norm", "learning_rate"),
     data_stats: Mapping | Sequence[Mapping] | Callable[[], Mapping] | None = None,
+    run_config: Mapping | None = None,
 ) -> LoopResult:
   """Runs ``step_fn`` until ``state.step == num_steps``, resuming from the newest checkpoint.
 
@@ -128,6 +219,14 @@ def train_loop(
       (`rlhf_jax.data.stats_metrics`), so rows skipped or truncated by the
       pipeline are in the run's metrics. Live dicts that grow as batches are made
       are fine: the current counts are written.
+    run_config: the run's config (a dict or a ``ConfigDict``), saved as
+      ``<workdir>/run_config.json``; on a resume, changed step counts, optimizer,
+      schedule or batch size keys are warned about (`record_run_config`).
+
+  On a resume it prints ``resumed from step N of M (<checkpoint dir>)``, or
+  ``already complete at step N (<checkpoint dir>): nothing to train`` when the
+  checkpoint is at ``num_steps`` or beyond. A run stopped by SIGTERM/SIGINT
+  returns ``preempted=True`` and the signal in ``signum``.
   """
   main = jax.process_index() == 0
   resume_step = None
@@ -136,9 +235,11 @@ def train_loop(
     state, data_state = checkpointer.restore(abstract_like(state, state_shardings), resume_step, like=state)
     if data_state and hasattr(batches, "set_state"):
       batches.set_state(data_state)
-    if main:
-      log.info("resumed from step %d in %s", resume_step, checkpointer.directory)
   start = int(jax.device_get(state.step))
+  if resume_step is not None and main:
+    log.info("resumed from step %d in %s", resume_step, checkpointer.directory)
+    print(resume_message(start, num_steps, checkpointer.directory), flush=True)
+  record_run_config(workdir, run_config, resumed=resume_step is not None)
   writer = MetricWriter(workdir, enabled=main, resume_step=resume_step)
 
   def save(step, force=False):
@@ -218,4 +319,5 @@ def train_loop(
     if preempted:
       log.warning("stopped by signal at step %d; checkpoint saved", step)
     plot_curves(writer.path, os.path.join(workdir, "curves.png"), keys=plot_keys)
-  return LoopResult(state, last, eval_metrics, preempted, start, step)
+  return LoopResult(state, last, eval_metrics, preempted, start, step,
+                    signum=int(stop.signum) if preempted and stop.signum is not None else None)

@@ -19,6 +19,7 @@ log-probs are the last ``N`` target positions, aligned with the sampler's.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterator, NamedTuple
 
 import jax
@@ -29,6 +30,9 @@ from flax import nnx
 from rlhf_jax import losses as losses_lib
 from rlhf_jax import ops
 from rlhf_jax.sampling import make_generate_fn
+from rlhf_jax.train.loop import _any_process, _StopFlag
+
+log = logging.getLogger("rlhf_jax")
 
 
 class Rollout(NamedTuple):
@@ -208,10 +212,13 @@ def run_online(
     pad_id: int = 0,
     progress: bool = True,
     policy_params_fn: Callable = lambda params: params,
+    state_params_fn: Callable | None = None,
     policy_graphdef=None,
     batch_fn: Callable | None = None,
     sample_weight_fn: Callable | None = None,
     sample_shardings=None,
+    run_config=None,
+    plot_keys: tuple[str, ...] = ("reward_mean", "eval/accuracy", "kl", "entropy", "clip_fraction", "response_length"),
 ):
   """The online loop shared by GRPO-style algorithms (PPO adds a critic around it).
 
@@ -228,6 +235,11 @@ def run_online(
   and ``batch_fn(state, batch, rewards_B, rollout) -> (state, batch)``, which
   replaces ``advantage_fn``: it adds values, returns and advantages (GAE) and
   may update algorithm state in ``state.extras`` (e.g. running reward statistics).
+  ``state_params_fn(state) -> params`` replaces ``policy_params_fn`` when the policy's
+  parameters are not all in ``state.params``: a LoRA state's adapters merged with the frozen
+  base in ``state.extras`` (the step donates the state, so the base must be read from the
+  current one). ``ref_params`` (for ``ref_logps_BxN``) is a parameter state or a function
+  ``ref_params(state) -> params`` of the same kind.
   ``sample_shardings`` (e.g. ``parallel.state_shardings(params, mesh, SAMPLE_RULES)``)
   moves the policy weights into the sampling layout before each rollout, a
   device-to-device reshard (HybridFlow's separate generation layout).
@@ -235,7 +247,14 @@ def run_online(
   :func:`pf_ppo_weights`) scales each sample's response mask; 0 drops it.
   Prompts are left-padded to ``prompt_length`` (fixed shapes: one compilation;
   needed to merge draws under dynamic sampling), or to the longest prompt.
-  Resumes from the newest checkpoint (the iteration index is the data position).
+  Resumes from the newest checkpoint (the iteration index is the data position),
+  printing ``resumed from iteration N of M (<checkpoint dir>)`` or ``already
+  complete at iteration N (<checkpoint dir>): nothing to train``. ``run_config``
+  (the run's config, a dict or ``ConfigDict``) is saved as ``<workdir>/run_config.json``
+  and checked on a resume as in :func:`rlhf_jax.train.loop.train_loop`.
+  SIGTERM / SIGINT end the loop after the current iteration with a checkpoint; the
+  result (an :class:`OnlineResult`, which unpacks as ``state, last_metrics``) then has
+  ``preempted=True`` and the ``signum``.
   Metrics per iteration: rewards, zero-variance group fraction, response
   length, sampling and training tokens/s, and the step's metrics (averaged).
   """
@@ -243,6 +262,7 @@ def run_online(
   import time
 
   from rlhf_jax.checkpoint import abstract_like
+  from rlhf_jax.train.loop import record_run_config, resume_message
   from rlhf_jax.train.writers import MetricWriter, plot_curves
 
   start = 0
@@ -252,9 +272,13 @@ def run_online(
     state, data_state = checkpointer.restore(abstract_like(state, state_shardings), resume, like=state)
     start = int(data_state.get("iteration", 0))
   main = jax.process_index() == 0
+  if resume is not None and main:
+    print(resume_message(start, num_iterations, checkpointer.directory, unit="iteration"), flush=True)
+  record_run_config(workdir, run_config, resumed=resume is not None)
   writer = MetricWriter(workdir, enabled=main, resume_step=start if resume is not None else None)
   num_n = None
   logps_fn = ref_fn = None
+  params_of_state = state_params_fn or (lambda s: policy_params_fn(s.params))
   policy_graphdef = graphdef if policy_graphdef is None else policy_graphdef
   bar = None
   if progress and main:
@@ -262,7 +286,11 @@ def run_online(
 
     bar = tqdm(total=num_iterations, initial=start, desc="online", dynamic_ncols=True)
   last = {}
+  done = start
+  stop = _StopFlag().__enter__()  # SIGTERM / SIGINT: finish the iteration, save, return
   for it in range(start, num_iterations):
+    if done > start and _any_process(stop.signum is not None):
+      break
     t0 = time.perf_counter()
     keep_rollouts = []
     for attempt in range(max(dynamic_sampling_max_tries, 1)):
@@ -271,7 +299,7 @@ def run_online(
 
       ids, pmask = left_pad(prompts, pad_id=pad_id, length=prompt_length)
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), it * 1000 + attempt)
-      sample_params = policy_params_fn(state.params)
+      sample_params = params_of_state(state)
       if sample_shardings is not None:
         sample_params = jax.device_put(sample_params, sample_shardings)
       ro = rollout_fn(sample_params, ids, pmask, rng, group_ids)
@@ -297,13 +325,14 @@ def run_online(
       batch["old_logps_BxN"] = ro.sampler_logps_BxN
     elif old_logps == "recompute":
       logps_fn = logps_fn or make_logps_fn(policy_graphdef, num_n, logprob_chunk_size=logprob_chunk_size)
-      batch["old_logps_BxN"] = np.asarray(jax.device_get(logps_fn(policy_params_fn(state.params), put_batch(batch))))
+      batch["old_logps_BxN"] = np.asarray(jax.device_get(logps_fn(params_of_state(state), put_batch(batch))))
       batch["sampler_logps_BxN"] = ro.sampler_logps_BxN  # for rollout-mismatch correction
     else:
       raise ValueError(f"old_logps={old_logps!r}; valid choices: ('sampler', 'recompute')")
     if ref_params is not None:
       ref_fn = ref_fn or make_logps_fn(policy_graphdef, num_n, logprob_chunk_size=logprob_chunk_size)
-      batch["ref_logps_BxN"] = np.asarray(jax.device_get(ref_fn(ref_params, put_batch(batch))))
+      ref = ref_params(state) if callable(ref_params) else ref_params
+      batch["ref_logps_BxN"] = np.asarray(jax.device_get(ref_fn(ref, put_batch(batch))))
     if batch_fn is not None:
       state, batch = batch_fn(state, batch, rewards, ro)
     else:
@@ -332,20 +361,44 @@ def run_online(
       last.update(writer.write(it + 1, eval_fn(state), prefix="eval/"))
     if checkpointer is not None and checkpoint_every and (it + 1) % checkpoint_every == 0:
       checkpointer.save(it + 1, state, {"iteration": it + 1})
+    done = it + 1
     if bar is not None:
       bar.update(1)
       bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
-  if checkpointer is not None and num_iterations > start:
-    if checkpointer.latest_step() != num_iterations:
-      checkpointer.save(num_iterations, state, {"iteration": num_iterations}, force=True)
+  stop.__exit__()
+  preempted = done < num_iterations
+  if checkpointer is not None and done > start:
+    if checkpointer.latest_step() != done:
+      checkpointer.save(done, state, {"iteration": done}, force=True)
     checkpointer.wait()
+  if preempted and main:
+    log.warning("stopped by signal at iteration %d; checkpoint saved", done)
   if bar is not None:
     bar.close()
   writer.close()
   if main:
     plot_curves(writer.path, os.path.join(workdir, "curves.png"),
-                keys=("reward_mean", "eval/accuracy", "kl", "entropy", "clip_fraction", "response_length"))
-  return state, last
+                keys=plot_keys)
+  return OnlineResult(state, last, preempted=preempted, signum=stop.signum if preempted else None,
+                      start=start, end=done)
+
+
+class OnlineResult(tuple):
+  """``(state, last_metrics)`` as before (it unpacks to two), with ``preempted``, ``signum``
+  (the signal that stopped the loop), ``start`` and ``end`` (iterations) as attributes."""
+
+  def __new__(cls, state, last, *, preempted: bool, signum, start: int, end: int):
+    self = super().__new__(cls, (state, last))
+    self.preempted, self.signum, self.start, self.end = preempted, signum, start, end
+    return self
+
+  @property
+  def state(self):
+    return self[0]
+
+  @property
+  def last_metrics(self):
+    return self[1]
 
 
 def _select_informative_groups(rollouts: list[tuple[Rollout, np.ndarray]]) -> tuple[Rollout, np.ndarray]:

@@ -339,3 +339,122 @@ def attach_reference(batch: dict[str, np.ndarray], table: dict[str, np.ndarray])
   out["ref_chosen_logps_B"] = table["ref_chosen_logps"][idx]
   out["ref_rejected_logps_B"] = table["ref_rejected_logps"][idx]
   return out
+
+
+UNPAIRED_KL_PREFIX = "kl_"
+
+
+def add_mismatched_rows(batch: dict[str, np.ndarray], examples: Sequence[dict], tokenize_fn: Callable) -> dict:
+  """KTO's mismatched pairs: row ``b`` of ``kl_*_BxT`` is prompt ``b`` with the completion of example ``b+1``.
+
+  ``tokenize_fn(examples) -> SFT keys`` (e.g. ``functools.partial(tokenize_unpaired, tokenizer=...)``);
+  TRL shifts completions by one within the batch the same way.
+  """
+  n = len(examples)
+  shifted = [dict(ex, completion=examples[(b + 1) % n]["completion"]) for b, ex in enumerate(examples)]
+  kl = tokenize_fn(shifted)
+  out = dict(batch)
+  out.update({UNPAIRED_KL_PREFIX + k: v for k, v in kl.items() if k.endswith("_BxT")})
+  return out
+
+
+def make_unpaired_loss(
+    loss: str | Callable = "kto",
+    *,
+    beta: float = 0.1,
+    hparams: dict | None = None,
+    logprob_chunk_size: int | None = None,
+    ref_graphdef: nnx.GraphDef | None = None,
+):
+  """``loss_fn(model, batch, rng) -> (loss, aux)`` for unpaired (desirable / undesirable) losses.
+
+  ``kto`` (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization",
+  arXiv:2402.01306), ``bco`` (Jung et al. 2024, "Binary Classifier Optimization for Large
+  Language Model Alignment", arXiv:2404.04656) and ``apo_zero_unpaired`` (D'Oosterlinck et al.
+  2024, arXiv:2408.06266), called as ``fn(policy_logps_B, ref_logps_B, labels_B, beta=..., **hparams)``.
+
+  Batch: the SFT keys (``input_ids``, ``targets``, ``loss_mask`` ``_BxT``: prompt + completion)
+  and ``labels_B`` (1 desirable); for ``kto`` also the mismatched rows ``kl_*_BxT``
+  (:func:`add_mismatched_rows`), from which the reference point
+  ``z₀ = max(0, mean(log π − log π_ref))`` is estimated without gradient
+  (:func:`rlhf_jax.losses.preference.kto_kl_reference`). The reference is
+  ``extras["ref_params"]`` with ``ref_graphdef`` (or the frozen LoRA base through
+  ``lora_loss(..., base_as_reference=True)``). ``bco``'s shift δ is the running mean of the
+  implicit rewards ``β·(log π − log π_ref)`` of all examples seen so far, kept in
+  ``extras["bco_delta"]`` (:func:`bco_delta_init`, updated by :func:`bco_delta_update` as the
+  step's ``extras_from_metrics``); the current batch is scored against the mean of the batches before it.
+
+  Metrics: ``rewards/desirable``, ``rewards/undesirable`` (mean implicit reward of each
+  label), ``kl`` (z₀), ``logps/desirable``, ``logps/undesirable``.
+  """
+  from rlhf_jax.losses import preference as pref_losses
+
+  fn = losses_lib.get(loss) if isinstance(loss, str) else loss
+  name = loss if isinstance(loss, str) else getattr(fn, "__name__", "loss")
+  accepted = _accepted_kwargs(fn)
+  hp = dict(hparams or {})
+  needs_kl = accepted is None or "kl_ref" in accepted
+  needs_delta = accepted is not None and "delta" in accepted
+
+  def logps(m, batch, prefix):
+    ids = batch[prefix + "input_ids_BxT"]
+    hidden, _ = m.hidden_states(ids)
+    lp = ops.token_logprobs(hidden, m.unembed_matrix(), batch[prefix + "targets_BxT"], chunk_size=logprob_chunk_size)
+    return (lp * batch[prefix + "loss_mask_BxT"].astype(jnp.float32)).sum(-1)
+
+  def both(m, batch):
+    if not needs_kl:
+      return logps(m, batch, ""), None
+    cat = {k: jnp.concatenate([batch[k], batch[UNPAIRED_KL_PREFIX + k]], 0)
+           for k in ("input_ids_BxT", "targets_BxT", "loss_mask_BxT")}
+    lp = logps(m, cat, "")
+    b = batch["input_ids_BxT"].shape[0]
+    return lp[:b], lp[b:]
+
+  def loss_fn(model, batch, rng):
+    del rng
+    extras = batch.get("extras") or {}
+    if "ref_params" not in extras or ref_graphdef is None:
+      raise ValueError("make_unpaired_loss needs extras['ref_params'] and ref_graphdef (or a LoRA base as reference)")
+    if needs_kl and UNPAIRED_KL_PREFIX + "input_ids_BxT" not in batch:
+      raise ValueError(f"{name} needs the mismatched rows kl_*_BxT in the batch (add_mismatched_rows)")
+    pol, pol_kl = both(model, batch)
+    ref, ref_kl = jax.tree.map(jax.lax.stop_gradient, both(nnx.merge(ref_graphdef, extras["ref_params"]), batch))
+    labels = batch["labels_B"].astype(jnp.float32)
+    kw = {"beta": beta, **hp}
+    aux = {}
+    if needs_kl:
+      kw["kl_ref"] = pref_losses.kto_kl_reference(pol_kl, ref_kl)
+      aux["kl"] = kw["kl_ref"]
+    if needs_delta:
+      kw["delta"] = jax.lax.stop_gradient(extras["bco_delta"]["mean"]) if "bco_delta" in extras else 0.0
+      aux["bco_delta"] = jnp.asarray(kw["delta"], jnp.float32)
+    if accepted is not None:
+      kw = {k: v for k, v in kw.items() if k in accepted}
+    value = jnp.mean(fn(pol, ref, labels, **kw))
+    reward = beta * (pol - ref)
+    good, bad = labels, 1.0 - labels
+    mean_of = lambda x, w: (x * w).sum() / jnp.maximum(w.sum(), 1.0)
+    aux.update({
+        f"loss/{name}": value,
+        "rewards/desirable": mean_of(reward, good), "rewards/undesirable": mean_of(reward, bad),
+        "rewards/batch_mean": jnp.mean(reward),
+        "logps/desirable": mean_of(pol, good), "logps/undesirable": mean_of(pol, bad),
+        "weight": jnp.asarray(pol.shape[0], jnp.float32),
+    })
+    return value, aux
+
+  return loss_fn
+
+
+def bco_delta_init() -> dict:
+  """BCO's running reward mean (``extras["bco_delta"]``): ``{"mean": 0, "count": 0}``."""
+  return {"mean": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.float32)}
+
+
+def bco_delta_update(extras, metrics):
+  """``extras_from_metrics`` for BCO: folds the batch's mean implicit reward into the running mean."""
+  d = extras["bco_delta"]
+  count = d["count"] + 1.0
+  mean = d["mean"] + (metrics["rewards/batch_mean"] - d["mean"]) / count
+  return {**extras, "bco_delta": {"mean": mean, "count": count}}

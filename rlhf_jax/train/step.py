@@ -62,6 +62,7 @@ def make_train_step(
     state_shardings: TrainState | None = None,
     learning_rate_fn: optax.Schedule | None = None,
     extras_update: Callable[[Any, Any, jax.Array], Any] | None = None,
+    extras_from_metrics: Callable[[Any, dict], Any] | None = None,
     donate: bool = True,
     jit: bool = True,
 ):
@@ -83,6 +84,9 @@ def make_train_step(
     extras_update: ``(extras, new_params, new_step) -> extras`` run after the
       update (e.g. a TR-DPO reference sync); ``state.extras`` reaches the loss as
       ``batch["extras"]``.
+    extras_from_metrics: ``(extras, metrics) -> extras`` run after the update with the
+      step's (micro-batch averaged) loss metrics, e.g. BCO's running reward mean; skipped
+      (extras kept) when the update is skipped as non-finite.
     donate: donate the input state's buffers.
     jit: ``False`` returns the plain function (for composition in a bigger jit).
 
@@ -153,6 +157,8 @@ def make_train_step(
     extras = state.extras
     if extras_update is not None:
       extras = extras_update(extras, kept_params, state.step + 1)
+    if extras_from_metrics is not None:
+      extras = keep(extras_from_metrics(extras, aux), extras)
     new_state = TrainState(
         step=state.step + 1,
         params=kept_params,

@@ -5,9 +5,25 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Mapping
 
 import numpy as np
+
+
+_BAD_TAG_CHARS = re.compile(r"_*(?:[^A-Za-z0-9_./-]+_*)+")  # with the underscores around them
+
+
+def metric_name(key: str) -> str:
+  """``key`` as a valid TensorBoard tag: characters outside ``[A-Za-z0-9_./-]`` become ``_``.
+
+  A run of them (with underscores next to it) becomes one ``_``
+  (``data/skipped_by_reason/empty completion`` ->
+  ``data/skipped_by_reason/empty_completion``); a leading ``/`` is dropped. Valid
+  names are unchanged.
+  """
+  name = _BAD_TAG_CHARS.sub("_", str(key)).lstrip("/")
+  return name or "_"
 
 
 def _scalars(metrics: Mapping) -> dict[str, float]:
@@ -25,7 +41,8 @@ class MetricWriter:
   Only the main process writes (``enabled=False`` on the others). Appending to
   an existing JSONL keeps the history of a resumed run in one file; lines of
   steps beyond the resume point are dropped first, so a resumed run's file reads
-  as one uninterrupted run.
+  as one uninterrupted run. Metric names are made valid TensorBoard tags
+  (`metric_name`), the same in both sinks.
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None):
@@ -47,7 +64,8 @@ class MetricWriter:
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: Mapping, *, prefix: str = "") -> dict[str, float]:
-    scalars = {prefix + k: v for k, v in _scalars(metrics).items()}
+    """Writes the scalar entries of ``metrics`` (names prefixed, then `metric_name`d); returns them."""
+    scalars = {metric_name(prefix + k): v for k, v in _scalars(metrics).items()}
     if not self.enabled:
       return scalars
     row = {"step": int(step), **{k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()}}
@@ -57,6 +75,13 @@ class MetricWriter:
       for k, v in scalars.items():
         self._tb.add_scalar(k, v, int(step))
     return scalars
+
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    """A TensorBoard text summary (e.g. sample completions) under ``tag`` (`metric_name`d)."""
+    if not self.enabled or self._tb is None:
+      return
+    self._tb.add_text(metric_name(tag), str(text), int(step))
+    self._tb.flush()
 
   def close(self) -> None:
     if not self.enabled:

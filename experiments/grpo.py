@@ -1,0 +1,444 @@
+"""Online RL on your own model, prompts and reward functions: the GRPO family, and PPO with a critic.
+
+Each iteration takes ``batch_size`` prompts of ``data.train_files`` (``prompt`` rows: a prompt
+and any extra columns, or GSM8K rows), samples ``group_size`` completions of each with the
+jitted KV-cache sampler, scores them with the reward functions (TRL's ``reward_funcs``:
+``--config.reward.fns="('my_rewards.py:correct', 'rlhf_jax.rewards:format_reward')"`` with
+``reward.weights``; a reward-model run as ``reward.model_path``), turns rewards into
+advantages (``adv_estimator``: grpo, dr_grpo, rloo, reinforce_plus_plus, remax, ... of
+``rlhf_jax.advantages``) and takes ``ppo_epochs`` x ``num_minibatches`` steps of the policy
+loss (``loss_mode``: vanilla, gspo, cispo, ... with ``loss_agg_mode``, clip-higher, an
+optional KL to the initial policy and entropy bonus). DAPO's dynamic sampling redraws prompts
+whose groups all agree (``dynamic_sampling_max_tries``). ``--config.algorithm=ppo`` trains a
+critic beside the policy (GAE, value clipping, KL-in-reward, reward normalisation).
+With LoRA the frozen base is the KL reference.
+
+A reward function is ``fn(completions: list[str], prompts: list[str], **row_fields) -> list[float]``
+(the prompt file's extra columns arrive as keyword lists) or a per-row
+``fn(completion, **row_fields) -> float`` such as ``rlhf_jax.rewards:math_reward`` (its
+``reference`` is the row's ``answer``); see ``rlhf_jax.train.reward_fns``. Exceptions, ``None``
+and non-finite values are counted (``reward/<name>_failures``) and get ``reward.default``.
+
+Command:
+  python -m rlhf_jax.run experiments/sft.py --workdir runs/sft      # a tiny model that answers sums
+  python -m rlhf_jax.run experiments/grpo.py --config.model.path=runs/sft --workdir runs/grpo
+  python -m rlhf_jax.run experiments/grpo.py --config.model.path=smollm2 --config.lora.rank=8 \\
+      --config.data.train_files=my_prompts.jsonl --config.reward.fns=my_rewards.py:correct --workdir runs/grpo_smollm2
+  python -m rlhf_jax.run experiments/grpo.py --help
+
+Headline (``result.json``): the mean reward of held-out prompts (greedy decoding, or sampled
+with ``eval_sampling=sampled``), before -> after. Sample completions with their rewards go to
+``samples.jsonl`` and TensorBoard text at each evaluation.
+"""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from rlhf_jax import advantages as adv_lib
+from rlhf_jax import losses as losses_lib
+from rlhf_jax import sampling
+from rlhf_jax.train import online, recipe, reward_fns as reward_lib, step as step_lib
+
+CONFIG_HELP = {
+    **recipe.SHARED_HELP,
+    "num_steps": "iterations (sample, score, update); 0 = num_epochs passes over the prompts",
+    "batch_size": "prompts per iteration (each sampled group_size times)",
+    "max_len": "prompt + completion tokens; completions get max_len - max_prompt_len new tokens",
+    "eval_every": "held-out evaluation (and sample logging) every N iterations (0 = before and after only)",
+    "save_every": "checkpoint every N iterations (0 = at the end and on SIGTERM/SIGINT only)",
+    "algorithm": "grpo (critic-free, advantages from adv_estimator) or ppo (a critic, GAE)",
+    "group_size": "completions sampled per prompt (TRL num_generations)",
+    "temperature": "sampling temperature",
+    "top_p": "nucleus sampling mass (1 = off)",
+    "top_k": "top-k sampling (0 = off)",
+    "adv_estimator": "advantage estimator (verl's names): " + ", ".join(adv_lib.names()),
+    "loss_mode": "policy loss (verl's loss_mode): " + ", ".join(
+        n for n in losses_lib.names() if losses_lib.info(n).kind == "policy"),
+    "loss_agg_mode": "token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm",
+    "clip_ratio_low": "PPO clip range below 1",
+    "clip_ratio_high": "PPO clip range above 1 (DAPO clip-higher: 0.28)",
+    "kl_coef": "KL penalty to the initial policy (TRL beta; in the reward for ppo); 0 = none",
+    "kl_estimator": "KL estimator: k1, k2, k3, low_var_kl, ...",
+    "entropy_coef": "entropy bonus",
+    "ppo_epochs": "passes over each iteration's samples",
+    "num_minibatches": "optimizer steps per pass (the samples are split into this many minibatches)",
+    "old_logps": "sampler (the sampler's log-probs) or recompute (the trainer's forward)",
+    "dynamic_sampling_max_tries": "DAPO dynamic sampling: redraw groups with identical rewards up to N times (0 = off)",
+    "reward.fns": "reward functions, FILE.py:NAME or module:NAME (batched TRL-style or per-row)",
+    "reward.weights": "weight of each reward function (empty: 1 each)",
+    "reward.model_path": "a reward_model run's workdir whose model scores prompt + completion (empty: none)",
+    "reward.model_weight": "weight of the reward model's score",
+    "reward.default": "reward of a completion a function failed on (exception, None, non-finite)",
+    "eval_sampling": "held-out evaluation decodes greedy or sampled (with the training temperature)",
+    "log_samples": "sample completions written to samples.jsonl and TensorBoard at each evaluation",
+    "critic.path": "ppo: initialise the critic from this reward_model run (empty: the policy with a fresh head)",
+    "critic.vf_coef": "ppo: value-loss coefficient",
+    "critic.value_clip": "ppo: value clipping range (0 = none)",
+    "critic.gamma": "ppo: GAE discount",
+    "critic.lam": "ppo: GAE lambda",
+    "critic.normalize_rewards": "ppo: normalise rewards with running statistics",
+    "critic.reward_clip": "ppo: clip normalised rewards to +-this (0 = none)",
+    "critic.whiten_advantages": "ppo: whiten advantages per batch",
+}
+
+
+def get_config(arg=None):
+  c = recipe.shared_config(learning_rate=1e-4, batch_size=8, max_len=112, max_prompt_len=96, num_epochs=0)
+  c.num_steps = 30
+  c.optimizer.schedule = "constant"
+  c.optimizer.b2 = 0.98
+  c.algorithm = "grpo"
+  c.group_size = 4
+  c.temperature = 1.0
+  c.top_p = 1.0
+  c.top_k = 0
+  c.adv_estimator = "grpo"
+  c.loss_mode = "vanilla"
+  c.loss_agg_mode = "token-mean"
+  c.clip_ratio_low = 0.2
+  c.clip_ratio_high = 0.28
+  c.kl_coef = 0.0
+  c.kl_estimator = "k3"
+  c.entropy_coef = 0.0
+  c.ppo_epochs = 1
+  c.num_minibatches = 1
+  c.old_logps = "sampler"
+  c.dynamic_sampling_max_tries = 0
+  c.reward = ml_collections.ConfigDict(dict(fns=("rlhf_jax.rewards:math_reward",), weights=(), model_path="",
+                                            model_weight=1.0, default=0.0))
+  c.eval_sampling = "greedy"
+  c.eval_batch_size = 32
+  c.data.max_eval_examples = 64
+  c.log_samples = 4
+  c.critic = ml_collections.ConfigDict(dict(path="", vf_coef=0.5, value_clip=0.2, gamma=1.0, lam=0.95,
+                                            normalize_rewards=True, reward_clip=5.0, whiten_advantages=True))
+  if arg == "runlocal":
+    c.num_steps = 6
+  elif arg not in (None, ""):
+    raise recipe.ConfigError(f"unknown experiment argument {arg!r}; valid: 'runlocal'")
+  return c
+
+
+def _check(config):
+  recipe.check_choice("algorithm", config.algorithm, ("grpo", "ppo"))
+  recipe.check_choice("adv_estimator", config.adv_estimator, adv_lib.names())
+  recipe.check_choice("loss_mode", config.loss_mode,
+                      [n for n in losses_lib.names() if losses_lib.info(n).kind == "policy"])
+  recipe.check_choice("old_logps", config.old_logps, ("sampler", "recompute"))
+  recipe.check_choice("eval_sampling", config.eval_sampling, ("greedy", "sampled"))
+  from rlhf_jax import ops
+
+  try:
+    ops.get_aggregation(config.loss_agg_mode)
+  except ValueError as e:
+    raise recipe.ConfigError(f"config.loss_agg_mode: {e}") from None
+  if config.group_size < 1 or (config.algorithm == "grpo" and config.group_size < 2):
+    raise recipe.ConfigError(f"config.group_size={config.group_size}: grpo needs at least 2 samples per prompt")
+  if config.algorithm == "ppo" and config.lora.rank > 0:
+    raise recipe.ConfigError("config.algorithm=ppo trains the policy and the critic in full: set config.lora.rank=0 "
+                             "(LoRA works with algorithm=grpo)")
+  if config.adv_estimator == "remax" and config.dynamic_sampling_max_tries:
+    raise recipe.ConfigError("config.adv_estimator=remax scores a greedy baseline per sample: it does not combine "
+                             "with config.dynamic_sampling_max_tries > 0")
+  if not config.reward.fns and not config.reward.model_path:
+    raise recipe.ConfigError("config.reward.fns and config.reward.model_path are both empty: nothing scores completions")
+
+
+def _processor(config):
+  procs = [sampling.processors.temperature(float(config.temperature))]
+  if config.top_k:
+    procs.append(sampling.processors.top_k(int(config.top_k)))
+  if config.top_p < 1.0:
+    procs.append(sampling.processors.top_p(float(config.top_p)))
+  return sampling.processors.chain(*procs)
+
+
+def _last_user_text(messages) -> str:
+  users = [m["content"] for m in messages if m["role"] == "user"]
+  return users[-1] if users else messages[-1]["content"]
+
+
+def _fields(ex) -> dict:
+  if ex["kind"] == "prompt_answer":
+    return {"answer": ex["answer"], "solution": ex.get("solution", "")}
+  return dict(ex.get("fields", {}))
+
+
+def make_reward_model_scorer(path: str, tok, mesh, prompt_len: int):
+  """``score(prompt_token_lists, tokens_BxN, lengths_B) -> [B]``: a reward_model run's mean head output."""
+  from rlhf_jax.train import reward as reward_train
+
+  rm, rm_tok = recipe.load_run(path, merge=True, mesh=mesh)
+  if not rm.config.scalar_head_outputs:
+    raise recipe.ConfigError(f"config.reward.model_path={path!r} is not a reward_model run (no scalar head)")
+  if rm_tok.vocab_size != tok.vocab_size:
+    raise recipe.ConfigError(f"config.reward.model_path={path!r}: its tokenizer ({rm_tok.vocab_size} tokens) is not "
+                             f"the policy's ({tok.vocab_size})")
+  graphdef, params = nnx.split(rm)
+  score = jax.jit(lambda p, ids, mask: reward_train.sequence_rewards(nnx.merge(graphdef, p), ids, mask).mean(-1))
+
+  def scorer(prompts, tokens_BxN, lengths_B):
+    ids, pmask = sampling.left_pad(prompts, pad_id=tok.pad_id, length=prompt_len)
+    n = tokens_BxN.shape[1]
+    cmask = (np.arange(n)[None, :] < np.asarray(lengths_B)[:, None]).astype(np.int32)
+    seq = np.concatenate([ids, np.where(cmask > 0, tokens_BxN, tok.pad_id)], 1).astype(np.int32)
+    mask = np.concatenate([pmask, cmask], 1).astype(np.int32)
+    return np.asarray(jax.device_get(score(params, seq, mask)), np.float32)
+
+  return scorer
+
+
+def main(config, workdir):
+  _check(config)
+  data = recipe.load_data(config, allowed_kinds=("prompt", "prompt_answer"), workdir=workdir,
+                          generate=lambda split, n: recipe.demo_rows("prompt", split, n, seed=config.seed))
+  rewards = reward_lib.load_reward_fns(config.reward.fns, config.reward.weights, default=config.reward.default)
+  columns = set(_fields(data.train[0]))
+  for fn in rewards.fns:
+    fn.check_fields(columns)
+  recipe.check_lengths(config)
+  prompt_len, max_new = int(config.max_prompt_len), int(config.max_len - config.max_prompt_len)
+  mesh = recipe.make_mesh(config.mesh)
+  model, tok, info = recipe.build_model(config, mesh)
+  rm_scorer = make_reward_model_scorer(config.reward.model_path, tok, mesh, prompt_len) if config.reward.model_path \
+      else None
+  iters = recipe.num_train_steps(config, len(data.train))
+  tx, schedule = recipe.make_optimizer(config, iters * config.ppo_epochs * config.num_minibatches)
+  ppo_mode = config.algorithm == "ppo"
+  from rlhf_jax.data import tokenize
+  from rlhf_jax.models import lora as lora_lib
+  from rlhf_jax.train import ppo
+
+  policy_graphdef = nnx.graphdef(model)  # base + adapters under LoRA: what the sampler runs
+  copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
+  if ppo_mode:
+    from rlhf_jax import models
+
+    if config.critic.path:
+      critic, _ = recipe.load_run(config.critic.path, merge=True, mesh=mesh)
+      if not critic.config.scalar_head_outputs:
+        raise recipe.ConfigError(f"config.critic.path={config.critic.path!r} is not a reward_model run")
+    else:
+      critic = models.with_scalar_head(nnx.merge(policy_graphdef, copy(nnx.state(model))), 1, seed=config.seed + 1,
+                                       mesh=mesh)
+    ref = copy(nnx.state(model))
+    graphdef, state, shardings = recipe.create_state(ppo.ActorCritic(model, critic), tx, config, mesh, info,
+                                                     extras=ppo.init_extras(bool(config.critic.normalize_rewards)))
+    state_params = lambda s: s.params["policy"]
+    ref_params = ref
+  else:
+    graphdef, state, shardings = recipe.create_state(model, tx, config, mesh, info)
+    if info["lora"]:
+      init_adapters = copy(state.params)  # B = 0: base + these adapters is the base itself
+      state_params = lambda s: recipe.params_of(s)
+      ref_params = (lambda s: nnx.merge_state(s.extras["frozen_params"], init_adapters)) if config.kl_coef else None
+    else:
+      state_params = lambda s: s.params
+      ref_params = copy(state.params) if config.kl_coef else None
+  del model
+
+  policy_kw = dict(policy_loss=config.loss_mode, aggregation=config.loss_agg_mode,
+                   policy_hparams=dict(clip_ratio_low=float(config.clip_ratio_low),
+                                       clip_ratio_high=float(config.clip_ratio_high)),
+                   entropy_coef=float(config.entropy_coef))
+  if ppo_mode:
+    loss_fn = ppo.make_ppo_loss(num_response_tokens=max_new, vf_coef=float(config.critic.vf_coef),
+                                value_clip=float(config.critic.value_clip) or None, **policy_kw)
+  else:
+    loss_fn = online.make_policy_loss(num_response_tokens=max_new, kl_coef=float(config.kl_coef),
+                                      kl_estimator=config.kl_estimator, **policy_kw)
+  if info["lora"]:
+    loss_fn = lora_lib.lora_loss(loss_fn)
+  step = step_lib.make_train_step(loss_fn, tx, graphdef, num_microbatches=config.num_microbatches, mesh=mesh,
+                                  state_shardings=shardings, learning_rate_fn=schedule)
+  put = recipe.put_fn(mesh)
+  rollout = online.make_rollout_fn(policy_graphdef, max_new_tokens=max_new, processor=_processor(config),
+                                   eos_id=tok.eos_id, pad_id=tok.pad_id)
+
+  # Prompts: tokenised once (the chat template's generation prompt; truncation policy of the config).
+  kw = recipe.tokenize_kwargs(config, tok, data.token_stats)
+  kw.pop("max_len")
+
+  def prompt_tokens(examples, stats):
+    batch = tokenize.tokenize_prompts(examples, tok, **{**kw, "stats": stats})
+    return [row[m > 0].tolist() for row, m in zip(batch["prompt_ids_BxP"], batch["prompt_mask_BxP"])]
+
+  train_tokens = prompt_tokens(data.train, data.token_stats)
+  eval_tokens = prompt_tokens(data.eval, tokenize.new_token_stats())
+  g, p = int(config.group_size), int(config.batch_size)
+  if len(data.train) < p:
+    raise recipe.UserError(f"config.batch_size={p} exceeds the {len(data.train)} training prompts")
+  per_epoch = len(data.train) // p
+  current = {}
+
+  def prompt_fn(iteration, attempt=0):
+    epoch, k = divmod(iteration * max(config.dynamic_sampling_max_tries, 1) + attempt, per_epoch)
+    order = np.random.default_rng([config.seed, epoch]).permutation(len(data.train))
+    idx = order[k * p:(k + 1) * p]
+    current["examples"] = [data.train[i] for i in idx for _ in range(g)]
+    return [train_tokens[i] for i in idx for _ in range(g)], np.repeat(np.arange(p), g)
+
+  failures = {fn.name: 0 for fn in rewards.fns}
+
+  def score(examples, prompts, tokens_BxN, lengths_B):
+    texts = [tok.decode(t[: int(n)].tolist(), skip_special_tokens=True) for t, n in zip(tokens_BxN, lengths_B)]
+    prompt_texts = [_last_user_text(ex["prompt"]) for ex in examples]
+    fields = {}
+    for ex in examples:
+      for k, v in _fields(ex).items():
+        fields.setdefault(k, []).append(v)
+    fields = {k: v for k, v in fields.items() if len(v) == len(examples)}
+    fields["prompt_messages"] = [ex["prompt"] for ex in examples]
+    total, parts, failed = rewards(texts, prompt_texts, fields)
+    for k, v in failed.items():
+      failures[k] += v
+    if rm_scorer is not None:
+      parts["reward_model"] = rm_scorer(prompts, tokens_BxN, lengths_B)
+      total = total + float(config.reward.model_weight) * parts["reward_model"]
+    return total, parts, texts
+
+  def reward_fn(prompts, tokens_BxN, lengths_B):
+    return score(current["examples"], prompts, tokens_BxN, lengths_B)[0]
+
+  estimator = adv_lib.get(config.adv_estimator)
+
+  def advantage_fn(rewards_B, mask_BxN, group_ids_B):
+    return np.asarray(estimator(rewards_B, mask_BxN, group_ids_B))
+
+  batch_fn = None
+  if ppo_mode:
+    batch_fn = ppo.make_ppo_batch_fn(graphdef, num_response_tokens=max_new, put_batch=put,
+                                     kl_coef=float(config.kl_coef), gamma=float(config.critic.gamma),
+                                     lam=float(config.critic.lam),
+                                     reward_clip=float(config.critic.reward_clip) or None,
+                                     normalize_rewards=bool(config.critic.normalize_rewards),
+                                     whiten_advantages=bool(config.critic.whiten_advantages))
+  elif config.adv_estimator == "remax":
+    greedy = online.make_rollout_fn(policy_graphdef, max_new_tokens=max_new, processor=None, eos_id=tok.eos_id,
+                                    pad_id=tok.pad_id)
+    batch_fn = _remax_on_state(greedy, reward_fn, state_params)
+
+  # Held-out evaluation: mean reward of the held-out prompts (greedy, or sampled), with samples logged.
+  eval_rollout = online.make_rollout_fn(policy_graphdef, max_new_tokens=max_new,
+                                        processor=None if config.eval_sampling == "greedy" else _processor(config),
+                                        eos_id=tok.eos_id, pad_id=tok.pad_id)
+  samples_path = os.path.join(workdir, "samples.jsonl")
+  tb = {}
+
+  def evaluate(s, step_index=None):
+    params = state_params(s)
+    bsz = int(config.eval_batch_size)
+    totals, parts_all, texts_all = [], {}, []
+    for start in range(0, len(eval_tokens), bsz):
+      chunk = list(range(start, min(start + bsz, len(eval_tokens))))
+      rows = chunk + [chunk[-1]] * (bsz - len(chunk))
+      ids, mask = sampling.left_pad([eval_tokens[i] for i in rows], pad_id=tok.pad_id, length=prompt_len)
+      ro = eval_rollout(params, ids, mask, jax.random.PRNGKey(config.seed + 99), np.arange(bsz))
+      n = len(chunk)
+      total, parts, texts = score([data.eval[i] for i in chunk], [eval_tokens[i] for i in chunk],
+                                  ro.tokens_BxN[:n], ro.response_mask_BxN[:n].sum(-1))
+      totals.append(total)
+      texts_all += texts
+      for k, v in parts.items():
+        parts_all.setdefault(k, []).append(v)
+    total = np.concatenate(totals)
+    out = {"reward_mean": float(total.mean())}
+    out.update({f"reward/{k}": float(np.concatenate(v).mean()) for k, v in parts_all.items()})
+    if step_index is not None and jax.process_index() == 0 and config.log_samples:
+      _log_samples(samples_path, tb, workdir, step_index, data.eval, texts_all, total, int(config.log_samples))
+    return out
+
+  before = evaluate(state, 0)
+  steps_per_iteration = int(config.ppo_epochs) * int(config.num_minibatches)
+
+  def eval_fn(s):
+    m = evaluate(s, int(jax.device_get(s.step)) // steps_per_iteration)
+    m.update({f"{k}_failures": float(v) for k, v in failures.items()})
+    return m
+
+  from rlhf_jax.checkpoint import Checkpointer
+
+  ck = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=max(int(config.keep_checkpoints), 1),
+                    unsaved_extras=("frozen_params", "ref_params"))
+  try:
+    res = online.run_online(
+        state=state, state_shardings=shardings, graphdef=graphdef, step_fn=step, rollout_fn=rollout,
+        prompt_fn=prompt_fn, reward_fn=reward_fn, advantage_fn=None if batch_fn else advantage_fn,
+        num_iterations=iters, workdir=workdir, put_batch=put, seed=config.seed, epochs=int(config.ppo_epochs),
+        num_minibatches=int(config.num_minibatches), old_logps=config.old_logps, ref_params=ref_params,
+        checkpointer=ck, checkpoint_every=int(config.save_every), eval_fn=eval_fn,
+        eval_every=int(config.eval_every), dynamic_sampling_max_tries=int(config.dynamic_sampling_max_tries),
+        prompt_length=prompt_len, pad_id=tok.pad_id, progress=bool(config.progress), state_params_fn=state_params,
+        policy_graphdef=policy_graphdef, batch_fn=batch_fn,
+        run_config={**recipe.run_config("grpo", config)},
+        plot_keys=("reward_mean", "eval/reward_mean", "kl", "entropy", "clip_fraction", "response_length"))
+  finally:
+    ck.close()
+    if "writer" in tb:
+      tb["writer"].close()
+  if res.preempted:
+    return res
+  after = evaluate(res.state, res.end)
+  after.update({f"{k}_failures": float(v) for k, v in failures.items()})
+  paths = recipe.export(config, graphdef if not ppo_mode else policy_graphdef,
+                        res.state if not ppo_mode else res.state._replace(params=res.state.params["policy"]),
+                        tok, info=info)
+  loop_like = _LoopLike(res, iters)
+  loop_like.result = recipe.finish(
+      workdir, metric="reward_mean", before=before, after=after, res=loop_like, paths=paths,
+      extra={"model": info["source"], "data_format": data.format, "algorithm": config.algorithm,
+             "num_train_prompts": len(data.train), "num_eval_prompts": len(data.eval),
+             "reward_failures": dict(failures), "token_stats": dict(data.token_stats)})
+  return loop_like
+
+
+class _LoopLike:
+  """The fields of :class:`rlhf_jax.train.loop.LoopResult` for an online run."""
+
+  def __init__(self, res, iters):
+    self.state, self.last_metrics, self.preempted, self.signum = res.state, res.last_metrics, res.preempted, res.signum
+    self.start_step, self.end_step, self.eval_metrics = res.start, res.end, {}
+
+
+def _remax_on_state(greedy, reward_fn, state_params):
+  """ReMax's greedy baseline with the policy parameters read from the state (LoRA-aware)."""
+  from rlhf_jax import advantages as adv
+
+  remax = adv.get("remax")
+
+  def fn(state, batch, rewards_B, rollout):
+    import jax.numpy as jnp
+
+    n = rollout.tokens_BxN.shape[1]
+    p = rollout.input_ids_BxT.shape[1] - n + 1
+    ids, mask = rollout.input_ids_BxT[:, :p], rollout.attention_mask_BxT[:, :p]
+    g = greedy(state_params(state), ids, mask, jax.random.PRNGKey(0), rollout.group_ids_B)
+    prompts = [row[m > 0] for row, m in zip(ids, mask)]
+    baseline = np.asarray(reward_fn(prompts, g.tokens_BxN, g.response_mask_BxN.sum(-1)), np.float32)
+    a = remax(jnp.asarray(rewards_B, jnp.float32), jnp.asarray(batch["response_mask_BxN"]), None,
+              baseline_rewards_B=jnp.asarray(baseline))
+    return state, dict(batch, advantages_BxN=np.asarray(a, np.float32))
+
+  return fn
+
+
+def _log_samples(path, tb, workdir, step, examples, texts, rewards, n):
+  """A few held-out completions with their rewards: ``samples.jsonl`` and TensorBoard text."""
+  rows = [{"step": int(step), "prompt": _last_user_text(ex["prompt"]), "completion": t, "reward": float(r)}
+          for ex, t, r in list(zip(examples, texts, rewards))[:n]]
+  with open(path, "a") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  if "writer" not in tb:
+    from tensorboardX import SummaryWriter
+
+    tb["writer"] = SummaryWriter(os.path.join(workdir, "tensorboard"))
+  text = "\n\n".join(f"**prompt** {r['prompt']}  \n**completion** {r['completion']}  \n**reward** {r['reward']:.3f}"
+                     for r in rows)
+  tb["writer"].add_text("samples", text, int(step))
+  tb["writer"].flush()
