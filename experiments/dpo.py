@@ -18,11 +18,13 @@ Command:
       --config.data.train_files=my_pairs.jsonl --config.export.adapter_dir=runs/dpo/adapter --workdir runs/dpo_smollm2
   python -m rlhf_jax.run experiments/dpo.py --help
 
-Headline (``result.json``), on held-out data before -> after: pairs: ``logp_accuracy`` (the
-policy's log-prob of the chosen response above the rejected one); unpaired:
-``label_accuracy`` (the implicit reward's sign matches the label); lists:
-``logp_top1_accuracy``. Also DPO's implicit-reward accuracy and margin (TRL's
-``rewards/accuracies``, ``rewards/margins``) against the initial model.
+Headline (``result.json``), on held-out data before -> after: pairs: ``reward_accuracy``
+(TRL's ``rewards/accuracies``: DPO's implicit reward ``β·log π/π_ref`` ranks the chosen response
+above the rejected one; 0 before training, when the policy is the reference and every pair
+ties); unpaired: ``label_accuracy`` (the implicit reward's sign matches the label); lists:
+``reward_top1_accuracy`` (the best-scored completion has the highest implicit reward). Also the
+policy's own log-prob accuracy (``logp_accuracy``: chosen likelier than rejected, biased
+towards shorter answers), the reward margin and the held-out DPO loss (log 2 before).
 Hardware: a CPU is enough for the default (tiny model, 2 CPU cores: about a minute).
 """
 
@@ -35,7 +37,7 @@ from rlhf_jax.train import evaluation, preference, recipe, step as step_lib
 
 KIND_STEPS = {"pair": "pairwise", "unpaired": "unpaired", "ranked": "listwise"}
 DEFAULT_LOSS = {"pair": "sigmoid", "unpaired": "kto", "ranked": "lipo_lambda"}
-HEADLINE = {"pair": "logp_accuracy", "unpaired": "label_accuracy", "ranked": "logp_top1_accuracy"}
+HEADLINE = {"pair": "reward_accuracy", "unpaired": "label_accuracy", "ranked": "reward_top1_accuracy"}
 
 CONFIG_HELP = {
     **recipe.SHARED_HELP,

@@ -18,7 +18,8 @@ What it does:
     as in ``experiments/dpo_tiny.py``), beta 0.1, Adam lr 3e-3 cosine, batch 4 pairs.
   * Held-out metrics before and after (``result.json``, ``eval/*`` in
     ``metrics.jsonl``): ``logp_accuracy`` (the model's own log-prob of the correct
-    answer above the wrong one; meaningful before training), ``logp_margin``,
+    answer above the wrong one; meaningful before training; the headline of
+    ``result.json``, before = the base model, after = base + trained LoRA), ``logp_margin``,
     ``reward_accuracy``/``reward_margin`` (DPO's implicit reward, i.e.
     ``rewards/accuracies``/``rewards/margins`` on held-out pairs; exactly 0 before
     training, when policy == reference) and ``dpo_loss`` (log 2 before).
@@ -255,6 +256,7 @@ def main(config, workdir):
   timings["total_s"] = time.perf_counter() - t0
 
   result = {
+      "headline": writers.make_headline("logp_accuracy", before["logp_accuracy"], after["logp_accuracy"]),
       "heldout_before": before,
       "heldout_after": after,
       "heldout_logp_accuracy_gain": after["logp_accuracy"] - before["logp_accuracy"],
@@ -266,6 +268,7 @@ def main(config, workdir):
       "timings": timings,
       "final_dpo_metrics": res.last_metrics,
   }
-  writers.write_result(workdir, result, not_printed=("final_dpo_metrics",))
+  writers.write_result(workdir, result, not_printed=("final_dpo_metrics",), train_metrics=res.last_metrics,
+                       eval_metrics=after)
   res.eval_metrics = {k: v for k, v in result.items() if k != "final_dpo_metrics"}
   return res

@@ -10,11 +10,13 @@ Command:
   python -m rlhf_jax.run experiments/dpo_tiny.py --workdir runs/dpo_tiny
   python -m rlhf_jax.run experiments/dpo_tiny.py --config.dpo.losses="('ipo',)"  # any registered pairwise loss
 
-Hardware: 2 CPU cores, about 1 minute. Expected (measured): the SFT reference
-samples ascending 52%, descending 45%, wrong 3%; after DPO the policy samples
-ascending 97%, descending 0%, wrong 2.5%. tests/test_dpo_experiment.py asserts
-a reduced run improves the ascending rate by at least 0.25. Results go to
-``<workdir>/result.json``.
+Hardware: 2 CPU cores, about 1 minute. Expected (measured): the headline of
+``<workdir>/result.json`` is the held-out ascending rate of sampled answers
+(temperature 1, 512 held-out prompts), before = the SFT reference DPO starts
+from, after = the DPO policy: 0.52 -> 0.97 (the reference samples ascending 52%,
+descending 45%, wrong 3%; the policy ascending 97%, descending 0%, wrong 2.5%).
+tests/test_dpo_experiment.py asserts a reduced run improves the ascending rate by
+at least 0.25.
 
 The default objective is RPO, TRL's ``loss_type=["sigmoid", "sft"]``: the DPO
 sigmoid loss plus the NLL of the chosen answer. Plain ``sigmoid`` DPO on this
@@ -149,6 +151,7 @@ def main(config, workdir):
   ref_orders = sample_orders(graphdef, ref_params, prompts, **kw)
   pol_orders = sample_orders(graphdef, dpo_result.state.params, prompts, **kw)
   result = {
+      "headline": writers.make_headline("ascending_rate", ref_orders["ascending"], pol_orders["ascending"]),
       "reference_ascending_rate": ref_orders["ascending"],
       "policy_ascending_rate": pol_orders["ascending"],
       "reference_samples": ref_orders,
@@ -156,6 +159,7 @@ def main(config, workdir):
       "final_dpo_metrics": dpo_result.last_metrics,
   }
   result["improvement"] = result["policy_ascending_rate"] - result["reference_ascending_rate"]
-  writers.write_result(workdir, result, not_printed=("final_dpo_metrics",))
+  writers.write_result(workdir, result, not_printed=("final_dpo_metrics",), train_metrics=dpo_result.last_metrics,
+                       eval_metrics=pol_orders)
   dpo_result.eval_metrics = {k: v for k, v in result.items() if k != "final_dpo_metrics"}
   return dpo_result

@@ -9,9 +9,10 @@ preference oracle that Nash-MD / general-preference methods query.
 Command:
   python -m rlhf_jax.run experiments/pm_tiny.py --workdir runs/pm_tiny
 
-Hardware: 2 CPU cores, about 1 minute. Expected: held-out accuracy about 0.9
-(tests/test_rm_experiment.py asserts > 0.75 on a reduced run) and a symmetry
-error of 0 (float rounding). Results: ``<workdir>/result.json``.
+Hardware: 2 CPU cores, about 1 minute. Expected: the headline of
+``<workdir>/result.json`` is held-out accuracy (1024 held-out pairs) of the
+initial and the trained model, measured 0.48 -> 0.84 (tests/test_rm_experiment.py
+asserts > 0.7 on a reduced run), and a symmetry error of 0 (float rounding).
 """
 
 import os
@@ -63,6 +64,12 @@ def main(config, workdir):
                                   state_shardings=shardings, learning_rate_fn=sched)
   batches = data.BatchIterator.from_dataset(make(d.num_pairs, d.seed), batch_size=config.batch_size,
                                             seed=config.seed, collate=pref_data.collate)
+  held = make(config.eval.num_pairs, d.seed + 777)
+  b = pref_data.collate([held[i] for i in range(len(held))])
+  logits_fn = jax.jit(lambda p, batch: reward.preference_logits(nnx.merge(graphdef, p), batch))
+  accuracy = lambda l12: float(np.mean((l12 > 0) == (b["label_B"] > 0.5)))
+  # The initial model's accuracy, before the loop (the step donates the state; a resumed loop replaces it).
+  accuracy_before = accuracy(np.asarray(logits_fn(state.params, b)))
   ck = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1)
   try:
     result = loop.train_loop(step_fn=step, state=state, batches=batches, num_steps=config.num_steps,
@@ -72,19 +79,19 @@ def main(config, workdir):
   finally:
     ck.close()
 
-  held = make(config.eval.num_pairs, d.seed + 777)
-  b = pref_data.collate([held[i] for i in range(len(held))])
-  logits_fn = jax.jit(lambda p, batch: reward.preference_logits(nnx.merge(graphdef, p), batch))
   l12 = np.asarray(logits_fn(result.state.params, b))
   swapped = {"input_ids_BxT": b["swapped_input_ids_BxT"], "attention_mask_BxT": b["swapped_attention_mask_BxT"],
              "swapped_input_ids_BxT": b["input_ids_BxT"], "swapped_attention_mask_BxT": b["attention_mask_BxT"]}
   l21 = np.asarray(logits_fn(result.state.params, swapped))
   p12, p21 = 1 / (1 + np.exp(-l12)), 1 / (1 + np.exp(-l21))
   out = {
-      "heldout_accuracy": float(np.mean((l12 > 0) == (b["label_B"] > 0.5))),
+      "heldout_accuracy": accuracy(l12),
+      "heldout_accuracy_before": accuracy_before,
       "heldout_calibration_error": metrics.calibration_error(p12, b["label_B"]),
       "symmetry_error": float(np.max(np.abs(p12 + p21 - 1))),
   }
-  writers.write_result(workdir, out)
+  out["headline"] = writers.make_headline("heldout_accuracy", accuracy_before, out["heldout_accuracy"])
+  writers.write_result(workdir, out, train_metrics=result.last_metrics,
+                       eval_metrics={k: v for k, v in out.items() if k not in ("headline", "heldout_accuracy_before")})
   result.eval_metrics = out
   return result

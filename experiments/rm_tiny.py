@@ -8,10 +8,12 @@ the tiny transformer with a 3-output scalar head (an ensemble on one backbone).
 Command:
   python -m rlhf_jax.run experiments/rm_tiny.py --workdir runs/rm_tiny
 
-Hardware: 2 CPU cores, about 40 s. Expected: held-out pair accuracy about 0.9
+Hardware: 2 CPU cores, about 40 s. Expected: the headline of
+``<workdir>/result.json`` is held-out pair accuracy (ensemble mean, 1024
+held-out pairs) of the initial and the trained model, measured 0.48 -> 0.965
 (tests/test_rm_experiment.py asserts > 0.8 on a reduced run), and best-of-N
 curves whose gold reward rises with N for the mean, min and mean−λ·var
-ensemble aggregations. Results go to ``<workdir>/result.json``.
+ensemble aggregations.
 """
 
 import os
@@ -68,6 +70,22 @@ def main(config, workdir):
                                            max_len=d.max_len)
   batches = data.BatchIterator.from_dataset(pairs, batch_size=config.batch_size, seed=config.seed,
                                             collate=pref_data.collate)
+  @jax.jit
+  def score(params, ids, mask):
+    return reward.sequence_rewards(nnx.merge(graphdef, params), ids, mask)  # [B, K]
+
+  # Held-out pairs, scored by the ensemble mean.
+  held = pref_data.PermutationPreferences(config.eval.num_pairs, seed=d.seed + 777, seq_len=d.seq_len,
+                                          min_len=d.min_len, max_len=d.max_len)
+  b = pref_data.collate([held[i] for i in range(len(held))])
+
+  def heldout_rewards(params):
+    rc = np.asarray(score(params, b["chosen_input_ids_BxT"], b["chosen_attention_mask_BxT"])).mean(-1)
+    rr = np.asarray(score(params, b["rejected_input_ids_BxT"], b["rejected_attention_mask_BxT"])).mean(-1)
+    return rc, rr
+
+  # The initial model's accuracy, before the loop (the step donates the state; a resumed loop replaces it).
+  accuracy_before = metrics.preference_accuracy(*heldout_rewards(state.params))
   ck = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1)
   try:
     result = loop.train_loop(step_fn=train_step, state=state, batches=batches, num_steps=config.num_steps,
@@ -78,18 +96,11 @@ def main(config, workdir):
     ck.close()
   params = result.state.params
 
-  @jax.jit
-  def score(params, ids, mask):
-    return reward.sequence_rewards(nnx.merge(graphdef, params), ids, mask)  # [B, K]
-
   # Held-out pairs: accuracy, margin, calibration of the ensemble mean.
-  held = pref_data.PermutationPreferences(config.eval.num_pairs, seed=d.seed + 777, seq_len=d.seq_len,
-                                          min_len=d.min_len, max_len=d.max_len)
-  b = pref_data.collate([held[i] for i in range(len(held))])
-  rc = np.asarray(score(params, b["chosen_input_ids_BxT"], b["chosen_attention_mask_BxT"])).mean(-1)
-  rr = np.asarray(score(params, b["rejected_input_ids_BxT"], b["rejected_attention_mask_BxT"])).mean(-1)
+  rc, rr = heldout_rewards(params)
   out = {
       "heldout_accuracy": metrics.preference_accuracy(rc, rr),
+      "heldout_accuracy_before": accuracy_before,
       "heldout_margin": metrics.mean_margin(rc, rr),
       "heldout_calibration_error": metrics.pairwise_calibration_error(rc, rr),
   }
@@ -112,6 +123,9 @@ def main(config, workdir):
                            for name, v in aggregations.items()}
   out["random_gold"] = float(gold.mean())
   out["oracle_gold"] = float(gold.max(1).mean())
-  writers.write_result(workdir, out)
+  out["headline"] = writers.make_headline("heldout_accuracy", accuracy_before, out["heldout_accuracy"])
+  final_eval = {k: out[k] for k in ("heldout_accuracy", "heldout_margin", "heldout_calibration_error",
+                                    "random_gold", "oracle_gold")}
+  writers.write_result(workdir, out, train_metrics=result.last_metrics, eval_metrics=final_eval)
   result.eval_metrics = out
   return result

@@ -6,10 +6,13 @@ Command:
 
 Hardware: a laptop CPU (2 cores) is enough; the same file runs on a GPU or a TPU
 slice (set --config.mesh.fsdp=-1 to use every device).
-Expected: about 1-2 minutes on 2 CPU cores; the training loss falls from about
-2.5 to below 0.1 and held-out exact match (greedy decoding reproduces the
-sorted digits) rises above 0.9. tests/test_sft_experiment.py asserts a reduced
-version of this.
+Expected: under a minute on 2 CPU cores (measured 20 s); the training loss
+falls from about 2.5 to below 0.1. The headline of ``<workdir>/result.json`` is
+held-out exact match (greedy decoding reproduces the sorted digits; 128 held-out
+examples) of the initial and the trained model: measured 0.0 -> 0.977 (a rerun
+in the same workdir resumes at step 600 and reports the same).
+tests/test_sft_experiment.py asserts a reduced version of this (300 steps,
+measured 0.0 -> 0.89).
 """
 
 import ml_collections

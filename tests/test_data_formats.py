@@ -205,5 +205,5 @@ def test_skipped_rows_and_truncations_reach_the_run_metrics(tmp_path):
   loop.train_loop(step_fn=step_fn, state=state, batches=batches, num_steps=2, workdir=str(tmp_path / "run"),
                   progress=False, data_stats=[parse, trunc])
   rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-  assert rows[-1]["data/skipped"] == 2 and rows[-1]["data/skipped_by_reason/missing field"] == 1
+  assert rows[-1]["data/skipped"] == 2 and rows[-1]["data/skipped_by_reason/missing_field"] == 1  # TensorBoard-safe tag
   assert rows[-1]["data/response_truncated"] == 2 and rows[-1]["loss"] == 1.0

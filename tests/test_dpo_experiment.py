@@ -1,6 +1,7 @@
 """Learning test: after SFT then DPO, the policy's own samples have the preferred property more often."""
 
 import json
+import math
 import os
 
 from rlhf_jax import run
@@ -18,6 +19,9 @@ def test_dpo_tiny_prefers_ascending(tmp_path):
   with open(tmp_path / "result.json") as f:
     saved = json.load(f)
   assert saved["improvement"] >= 0.25, saved
+  head = saved["headline"]
+  assert head["metric"] == "ascending_rate" and math.isfinite(head["before"]) and math.isfinite(head["after"]), head
+  assert head["after"] >= head["before"] + 0.25, head
   assert saved["policy_samples"]["descending"] < 0.1, saved
   assert result.last_metrics["rewards/accuracies"] > 0.9
   assert os.listdir(tmp_path / "cache")  # reference log-probs cached for later runs

@@ -6,6 +6,7 @@ only the LoRA adapters changed: the frozen base equals the GGUF weights bit for 
 """
 
 import json
+import math
 import os
 
 import jax
@@ -37,6 +38,9 @@ def test_dpo_lora_smollm2_learns_heldout_preference_and_trains_only_adapters(tmp
   before, after = saved["heldout_before"], saved["heldout_after"]
   # Held-out preference accuracy (the model ranks the correct sum above the wrong one) rises clearly.
   assert after["logp_accuracy"] >= before["logp_accuracy"] + 0.15, saved
+  head = saved["headline"]
+  assert head["metric"] == "logp_accuracy" and math.isfinite(head["before"]) and math.isfinite(head["after"]), head
+  assert head["before"] == before["logp_accuracy"] and head["after"] >= head["before"] + 0.15, head
   assert after["logp_margin"] > before["logp_margin"] + 1.0, saved
   # DPO's implicit reward on held-out pairs: 0 before (policy == reference), mostly right after.
   assert before["reward_accuracy"] == 0.0 and before["reward_margin"] == 0.0, saved

@@ -1,6 +1,7 @@
 """Learning test: PPO raises the learned reward and the gold reward with bounded KL."""
 
 import json
+import math
 import os
 
 from rlhf_jax import run
@@ -19,6 +20,9 @@ def test_ppo_tiny_raises_reward_with_bounded_kl(tmp_path):
   before, after = result["before"], result["after"]
   assert after["rm_reward"] > before["rm_reward"] + 1.0, result
   assert after["gold"] > before["gold"] + 0.1, result
+  head = result["headline"]
+  assert head["metric"] == "gold" and math.isfinite(head["before"]) and math.isfinite(head["after"]), head
+  assert head["before"] == before["gold"] and head["after"] > head["before"] + 0.1, head
   assert 0.0 < after["kl_to_sft"] < 5.0, result
   m = result["final_metrics"]
   for key in ("value_loss", "value_explained_variance", "clip_fraction", "reward_mean", "entropy"):

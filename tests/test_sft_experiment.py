@@ -1,5 +1,7 @@
 """Learning test: the SFT experiment's model learns to sort digits (not just runs)."""
 
+import json
+import math
 import os
 
 from rlhf_jax import run
@@ -21,5 +23,10 @@ def test_sft_tiny_learns_sorting(tmp_path):
   assert result.last_metrics["loss"] < 0.15, result.last_metrics
   assert result.eval_metrics["eval/loss"] < 0.15, result.eval_metrics
   assert result.eval_metrics["eval/exact_match"] > 0.7, result.eval_metrics
+  with open(os.path.join(tmp_path, "result.json")) as f:
+    head = json.load(f)["headline"]
+  assert head["metric"] == "exact_match" and math.isfinite(head["before"]) and math.isfinite(head["after"]), head
+  assert head["after"] == result.eval_metrics["eval/exact_match"], head
+  assert head["after"] > head["before"] + 0.5, head  # the untrained model sorts almost nothing
   assert os.path.exists(os.path.join(tmp_path, "curves.png"))
   assert os.listdir(os.path.join(tmp_path, "tensorboard"))

@@ -47,7 +47,7 @@ __all__ = [
     "synthetic_sft_iterator",
 ]
 
-# Local-file readers and tokenisation (tfds builders: `rlhf_jax.data.tfds_builders`, imported
+# Local-file readers, user data sources and tokenisation (tfds builders: `rlhf_jax.data.tfds_builders`, imported
 # on demand so that `import rlhf_jax.data` does not import tensorflow_datasets).
 from rlhf_jax.data.formats import (  # noqa: E402
     FORMATS,
@@ -57,7 +57,15 @@ from rlhf_jax.data.formats import (  # noqa: E402
     stats_metrics,
     write_sample_files,
 )
+from rlhf_jax.data.sources import (  # noqa: E402
+    BadRowsError,
+    detect_file_format,
+    detect_format,
+    load_dataset,
+    resolve_files,
+)
 from rlhf_jax.data.tokenize import (  # noqa: E402
+    TRUNCATIONS,
     make_collate,
     pack_rows,
     tokenize_pairs,
@@ -65,20 +73,28 @@ from rlhf_jax.data.tokenize import (  # noqa: E402
     tokenize_ranked,
     tokenize_sft,
     tokenize_unpaired,
+    warn_if_truncated,
 )
 
 __all__ += [
+    "BadRowsError",
     "DataError",
     "FORMATS",
+    "TRUNCATIONS",
+    "detect_file_format",
+    "detect_format",
+    "load_dataset",
     "load_examples",
     "make_collate",
     "pack_rows",
     "read_examples",
+    "resolve_files",
     "stats_metrics",
     "tokenize_pairs",
     "tokenize_prompts",
     "tokenize_ranked",
     "tokenize_sft",
     "tokenize_unpaired",
+    "warn_if_truncated",
     "write_sample_files",
 ]

@@ -1,7 +1,7 @@
 """Readers of local JSONL / Parquet files in the common public post-training formats.
 
 Every reader yields *normalised examples*: plain, JSON-able dicts whose ``"kind"`` says
-which of five shapes it has. Prompts and responses are always lists of chat messages
+which of six shapes it has. Prompts and responses are always lists of chat messages
 (``{"role": ..., "content": ...}``); a plain-string prompt becomes one user message and a
 plain-string response one assistant message.
 
@@ -13,6 +13,8 @@ kind               keys
 ``unpaired``       ``prompt``, ``completion``, ``label`` (bool: desirable or not; KTO)
 ``prompt_answer``  ``prompt``, ``answer`` (reference final answer), ``solution`` (full text)
 ``sft``            ``messages``
+``prompt``         ``prompt``, ``fields`` (every other column of the row, as JSON values; for
+                   online RL: reward functions get them, e.g. ``{"answer": "42"}``)
 =================  =======================================================================
 
 Each example also has ``"source"``: ``"FILE:LINE"`` (JSONL, 1-based physical line) or
@@ -34,6 +36,9 @@ Source formats (``fmt``), see `FORMATS`:
 - ``"gsm8k"``: ``question``, ``answer`` whose final answer follows ``####`` ->
   ``prompt_answer`` (``"prompt"``/``"answer"`` with no ``####`` is accepted too).
 - ``"sft"``: ``messages`` (list of role/content dicts) -> ``sft``.
+- ``"prompt"``: ``prompt`` (a string or a message list) plus any other columns, kept as-is
+  in ``fields`` -> ``prompt`` (values that are not JSON types, e.g. Parquet dates, become
+  strings).
 
 Bad rows (unparsable JSON, a missing field, a wrong type, an empty completion, ...) raise
 `DataError` naming the file, the line (or row) and the field; with ``on_error="skip"`` they
@@ -87,6 +92,7 @@ KIND_OF_FORMAT = {
     "kto": "unpaired",
     "gsm8k": "prompt_answer",
     "sft": "sft",
+    "prompt": "prompt",
 }
 FORMATS = tuple(KIND_OF_FORMAT)
 _MAX_ERRORS_KEPT = 20
@@ -121,7 +127,8 @@ def stats_metrics(*stats: Any, prefix: str = "data/") -> dict[str, float]:
 
   Nested counts are flattened with ``/`` (``skipped_by_reason: {"missing_field": 2}``
   becomes ``data/skipped_by_reason/missing_field``); the error messages are not
-  metrics and are left out; counters of the same name in several dicts are summed.
+  metrics and are left out, and so are keys starting with ``_`` (internal flags such as
+  ``_warned``); counters of the same name in several dicts are summed.
   Pass the result (or the dicts, to `rlhf_jax.train.loop.train_loop`'s ``data_stats``)
   so skipped rows and truncations appear in the run's metrics.
 
@@ -139,7 +146,8 @@ def stats_metrics(*stats: Any, prefix: str = "data/") -> dict[str, float]:
 
   for st in stats:
     for key, value in (st or {}).items():
-      add(f"{prefix}{key}", value)
+      if not str(key).startswith("_"):
+        add(f"{prefix}{key}", value)
   return out
 
 
@@ -389,6 +397,17 @@ def _parse_sft(row: dict) -> dict:
   return {"kind": "sft", "messages": msgs}
 
 
+def _json_value(value: Any) -> Any:
+  """``value`` as plain JSON types (a copy); non-JSON values (dates, bytes, ...) become strings."""
+  return json.loads(json.dumps(value, ensure_ascii=False, default=str))
+
+
+def _parse_prompt(row: dict) -> dict:
+  prompt = _prompt(_get(row, "prompt"), "prompt")
+  fields = {str(k): _json_value(v) for k, v in row.items() if k != "prompt"}
+  return {"kind": "prompt", "prompt": prompt, "fields": fields}
+
+
 _PARSERS = {
     "hh_rlhf": _parse_hh,
     "preference": _parse_preference,
@@ -397,6 +416,7 @@ _PARSERS = {
     "kto": _parse_kto,
     "gsm8k": _parse_gsm8k,
     "sft": _parse_sft,
+    "prompt": _parse_prompt,
 }
 
 
@@ -526,6 +546,13 @@ _SAMPLE_ROWS: dict[str, list[dict]] = {
         {"messages": [{"role": "user", "content": "Copy 5 5"}, {"role": "assistant", "content": "5 5"},
                       {"role": "user", "content": "Again"}, {"role": "assistant", "content": "5 5"}]},
         {"messages": [{"role": "user", "content": "Reverse 1 2 3"}, {"role": "assistant", "content": "3 2 1"}]},
+    ],
+    "prompt": [
+        {"prompt": "What is 6 * 7?", "answer": "42", "difficulty": 2},
+        {"prompt": [{"role": "system", "content": "Answer with a number."},
+                    {"role": "user", "content": "What is 2 + 3?"}], "answer": "5", "difficulty": 1},
+        {"prompt": "Sort 3 1 2", "answer": "1 2 3", "difficulty": 1},
+        {"prompt": "Name a primary colour.", "answer": "red", "difficulty": 3},
     ],
 }
 _SAMPLE_ROWS["ultrafeedback_pairs"] = _SAMPLE_ROWS["ultrafeedback"]

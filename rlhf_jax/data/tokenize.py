@@ -10,13 +10,29 @@ a response is the text that ``apply_chat_template(prompt + response, False)`` ad
 are encoded separately; ``eos_id``, if given, is appended to every response.
 For multi-turn SFT, every assistant turn is a response and the other turns are context.
 
-**Truncation policy** (explicit, counted in ``stats``): the prompt (everything before the
-first response token) keeps its *last* ``max_prompt_len`` tokens (truncated from the LEFT);
-then the response keeps its *first* ``max_len - prompt_len`` tokens (truncated from the
-RIGHT). ``stats`` counts ``sequences``, ``prompt_truncated``/``prompt_tokens_dropped`` and
+**Truncation policy** (explicit, counted in ``stats``), chosen by ``truncation``:
+
+- ``"tokens"`` (the functions' default): the prompt (everything before the first response
+  token) keeps its *last* ``max_prompt_len`` tokens (truncated from the LEFT); then the
+  response keeps its *first* ``max_len - prompt_len`` tokens (truncated from the RIGHT).
+- ``"turns"`` (the recipes' default): a prompt longer than ``max_prompt_len`` loses whole
+  turns from the left, re-rendered with the chat template each time, never its leading
+  system message(s) nor its last user turn (a dropped turn is a user message with the
+  replies after it, so the rest still starts with a user turn). If system + last turn
+  still do not fit, the tokens of the rendered system turn(s) stay first and the rest is
+  cut from the left to fit. A multi-turn ``sft`` conversation longer than ``max_len`` first
+  loses its earliest (user, assistant) exchanges after the system turn, while more than one
+  exchange remains. Then the response is right-truncated to ``max_len`` as with ``"tokens"``.
+
+``stats`` counts ``sequences``, ``prompt_truncated``/``prompt_tokens_dropped`` and
 ``response_truncated``/``response_tokens_dropped`` (and ``list_truncated`` for ranked lists
-longer than ``num_completions``). With ``overlong="raise"``, an example that would be
-truncated raises `rlhf_jax.data.formats.DataError` naming its file and line instead.
+longer than ``num_completions``); with ``"turns"`` also ``prompt_turns_dropped`` (messages
+removed; SFT exchanges included) and ``truncated`` (sequences cut in any way). Every token
+removed from the left (dropped turns included) counts in ``prompt_tokens_dropped``, every
+token cut at the right end in ``response_tokens_dropped``. With ``overlong="raise"``, an
+example that would be truncated raises `rlhf_jax.data.formats.DataError` naming its file
+and line instead. `warn_if_truncated` logs one warning per stats dict once too many
+sequences were truncated (`make_collate` calls it after every batch).
 
 **Row layout** (as `rlhf_jax.data.synthetic.make_sft_batch`): ``L = P + R <= max_len`` real
 tokens right-padded with ``pad_id`` to ``T = max_len``. ``targets[t] = input_ids[t + 1]``
@@ -27,8 +43,10 @@ response token (aligned with the targets, never on prompt or padding); ``attenti
 Batch keys: pairs -> ``{chosen,rejected}_{input_ids,targets,loss_mask,attention_mask}_BxT``;
 SFT -> ``{input_ids,targets,loss_mask,attention_mask}_BxT``; unpaired (KTO) -> the SFT keys
 plus ``labels_B`` (1.0 desirable); ranked -> ``{...}_BxKxT``, ``scores_BxK``,
-``list_mask_BxK``; prompts with answers -> left-padded ``prompt_ids_BxP``,
-``prompt_mask_BxP`` and ``answers`` (a list of strings, host-side only).
+``list_mask_BxK``; prompts (``prompt`` and ``prompt_answer``) -> left-padded
+``prompt_ids_BxP``, ``prompt_mask_BxP``, ``fields`` (a list of dicts, host-side only: a
+``prompt`` example's extra columns, ``{"answer", "solution"}`` for ``prompt_answer``) and
+``answers`` (a list of strings) when every example has one.
 
 **Packing** (`pack_rows`): several SFT sequences per row, with ``segment_ids_BxT``
 (1, 2, ... per sequence, 0 on padding) and ``positions_BxT`` (restarting at 0 in every
@@ -40,6 +58,7 @@ helper only: feeding them to the model as-is would let sequences attend to earli
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -48,6 +67,7 @@ import numpy as np
 from rlhf_jax.data.formats import DataError
 
 __all__ = [
+    "TRUNCATIONS",
     "Tokenizer",
     "make_collate",
     "new_token_stats",
@@ -59,9 +79,13 @@ __all__ = [
     "tokenize_sft",
     "tokenize_unpaired",
     "truncate",
+    "warn_if_truncated",
 ]
 
 ROW_KEYS = ("input_ids", "targets", "loss_mask", "attention_mask")
+TRUNCATIONS = ("tokens", "turns")
+_TURN_KEYS = ("prompt_turns_dropped", "truncated")
+_log = logging.getLogger("rlhf_jax")
 
 
 class Tokenizer(Protocol):
@@ -79,11 +103,52 @@ def new_token_stats() -> dict[str, int]:
           "response_truncated": 0, "response_tokens_dropped": 0, "list_truncated": 0}
 
 
-def _stats(stats: dict | None) -> dict:
+def _stats(stats: dict | None, truncation: str = "tokens") -> dict:
+  if truncation not in TRUNCATIONS:
+    raise ValueError(f"`truncation` must be one of {TRUNCATIONS}; got {truncation!r}.")
   stats = new_token_stats() if stats is None else stats
   for k, v in new_token_stats().items():
     stats.setdefault(k, v)
+  if truncation == "turns":
+    for k in _TURN_KEYS:
+      stats.setdefault(k, 0)
   return stats
+
+
+def warn_if_truncated(stats: dict, *, threshold: float = 0.05, what: str = "data.train_files") -> bool:
+  """Logs ONE warning (per stats dict) once more than ``threshold`` of the sequences were truncated.
+
+  The warning (on the ``"rlhf_jax"`` logger) gives the counts and names the config keys to
+  raise (``config.<section>.max_len``/``max_prompt_len``, the section taken from ``what``).
+  The dict remembers it as ``stats["_warned"] = 1`` (left out of `stats_metrics`).
+
+  Args:
+    stats: truncation counters (`new_token_stats`); sequences cut in any way are
+      ``stats["truncated"]`` (``"turns"``), else at least the larger of ``prompt_truncated``
+      and ``response_truncated``.
+    threshold: the fraction of truncated sequences above which to warn.
+    what: the config key of the data, named in the message.
+
+  Returns:
+    Whether it warned now.
+  """
+  n = int(stats.get("sequences", 0))
+  if stats.get("_warned") or not n:
+    return False
+  cut = stats.get("truncated")
+  if cut is None:
+    cut = max(stats.get("prompt_truncated", 0), stats.get("response_truncated", 0))
+  if cut / n <= threshold:
+    return False
+  stats["_warned"] = 1
+  turns = f", {stats['prompt_turns_dropped']} turns" if "prompt_turns_dropped" in stats else ""
+  _log.warning(
+      "config.%s: %d of %d sequences (%.1f%%, more than %.1f%%) were truncated (prompts: %d, %d tokens%s dropped; "
+      "responses: %d, %d tokens dropped); raise config.max_len / config.max_prompt_len to keep them whole",
+      what, cut, n, 100.0 * cut / n, 100.0 * threshold, stats.get("prompt_truncated", 0),
+      stats.get("prompt_tokens_dropped", 0), turns, stats.get("response_truncated", 0),
+      stats.get("response_tokens_dropped", 0))
+  return True
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -156,8 +221,125 @@ def truncate(tokens, is_response, *, max_len: int, max_prompt_len: int, stats: d
   if r_drop:
     stats["response_truncated"] += 1
     stats["response_tokens_dropped"] += r_drop
+  if (p_drop or r_drop) and "truncated" in stats:
+    stats["truncated"] += 1
   end = len(tokens) - r_drop
   return list(tokens[p_drop:end]), list(is_response[p_drop:end])
+
+
+# ----------------------------------------------------------------------------- turn-level truncation
+
+
+def _n_prompt(is_response) -> int:
+  return next((i for i, r in enumerate(is_response) if r), len(is_response))
+
+
+def _n_system(messages) -> int:
+  return next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+
+
+def _encode_messages(tokenizer, messages, first_response, eos_id):
+  """`_encode_conversation`, or the prompt alone (generation prompt added) when nothing follows it."""
+  if first_response >= len(messages):
+    tokens = _encode(tokenizer, tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    return tokens, [False] * len(tokens)
+  return _encode_conversation(tokenizer, messages, first_response, eos_id)
+
+
+def _first_prompt_turn(prompt) -> tuple[int, int] | None:
+  """``(start, end)`` of the earliest droppable prompt turn, or None (only system + last user turn left).
+
+  A turn starts after the system message(s) and runs to the next user message, so what is
+  left still starts with a user turn (templates that require alternation keep working).
+  """
+  start = _n_system(prompt)
+  last_user = max((i for i, m in enumerate(prompt) if m["role"] == "user"), default=len(prompt) - 1)
+  if start >= last_user:
+    return None
+  end = next(j for j in range(start + 1, last_user + 1) if j == last_user or prompt[j]["role"] == "user")
+  return start, end
+
+
+def _first_exchange(messages) -> tuple[int, int] | None:
+  """``(start, end)`` of the earliest (user, assistant...) exchange after the system turn, if more than one has a reply."""
+  starts, has_reply = [_n_system(messages)], [False]
+  for j in range(starts[0], len(messages)):
+    role = messages[j]["role"]
+    if role == "assistant":
+      has_reply[-1] = True
+    elif role == "user" and has_reply[-1]:
+      starts.append(j)
+      has_reply.append(False)
+  if sum(has_reply) <= 1:
+    return None
+  return starts[0], starts[1]
+
+
+def _system_len(tokenizer, prompt) -> int:
+  """Tokens of the rendered leading system turn(s) at the start of the prompt's tokens (0 if none)."""
+  n_sys = _n_system(prompt)
+  if not n_sys or n_sys == len(prompt):
+    return 0
+  try:
+    head = tokenizer.apply_chat_template(prompt[:n_sys], add_generation_prompt=False)
+  except Exception:  # noqa: BLE001 -- some templates refuse a system-only conversation
+    return 0
+  full = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+  return len(_encode(tokenizer, head)) if head and full.startswith(head) else 0
+
+
+def _truncate_turns(tokenizer, messages, first_response, eos_id, *, max_len, max_prompt_len, stats,
+                    multi_turn=False):
+  """The ``"turns"`` policy for one conversation; returns ``(tokens, is_response)``.
+
+  ``messages[:first_response]`` is the prompt; with ``multi_turn`` (``sft`` conversations) the
+  earliest exchanges go first when the whole sequence exceeds ``max_len``.
+  """
+  messages = list(messages)
+  tokens, resp = _encode_messages(tokenizer, messages, first_response, eos_id)
+  n_total0, turns = len(tokens), 0
+  if multi_turn:
+    while len(tokens) > max_len and (cut := _first_exchange(messages)) is not None:
+      messages = messages[:cut[0]] + messages[cut[1]:]
+      turns += cut[1] - cut[0]
+      first_response = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+      tokens, resp = _encode_messages(tokenizer, messages, first_response, eos_id)
+  prompt, rest = messages[:first_response], messages[first_response:]
+  while _n_prompt(resp) > max_prompt_len and (cut := _first_prompt_turn(prompt)) is not None:
+    prompt = prompt[:cut[0]] + prompt[cut[1]:]
+    turns += cut[1] - cut[0]
+    tokens, resp = _encode_messages(tokenizer, prompt + rest, len(prompt), eos_id)
+  n_prompt = _n_prompt(resp)
+  if n_prompt > max_prompt_len:  # system + last turn do not fit: cut tokens after the system turn(s)
+    head = _system_len(tokenizer, prompt)
+    head = head if head < max_prompt_len else 0
+    cut_from = n_prompt - (max_prompt_len - head)
+    tokens, resp = tokens[:head] + tokens[cut_from:], resp[:head] + resp[cut_from:]
+  p_drop = max(0, n_total0 - len(tokens))
+  r_drop = max(0, len(tokens) - max_len)
+  stats["sequences"] += 1
+  stats["prompt_turns_dropped"] += turns
+  if p_drop:
+    stats["prompt_truncated"] += 1
+    stats["prompt_tokens_dropped"] += p_drop
+  if r_drop:
+    stats["response_truncated"] += 1
+    stats["response_tokens_dropped"] += r_drop
+  if p_drop or r_drop:
+    stats["truncated"] += 1
+  end = len(tokens) - r_drop
+  return list(tokens[:end]), list(resp[:end])
+
+
+def _encode_truncated(tokenizer, messages, first_response, eos_id, *, max_len, max_prompt_len, stats, overlong,
+                      source, truncation, multi_turn=False):
+  """Encodes one conversation and applies the ``truncation`` policy (``overlong="raise"``: no truncation)."""
+  if truncation == "turns" and overlong != "raise":
+    return _truncate_turns(tokenizer, messages, first_response, eos_id, max_len=max_len,
+                           max_prompt_len=max_prompt_len, stats=stats, multi_turn=multi_turn)
+  tokens, resp = _encode_messages(tokenizer, messages, first_response, eos_id)
+  return truncate(tokens, resp, max_len=max_len, max_prompt_len=max_prompt_len, stats=stats, overlong=overlong,
+                  source=source)
 
 
 def _split_source(source: str) -> tuple[str, str]:
@@ -197,10 +379,10 @@ def _check_lens(max_len: int, max_prompt_len: int | None) -> int:
 
 
 def _prompt_response_row(tokenizer, prompt, response, *, max_len, max_prompt_len, pad_id, eos_id, stats,
-                         overlong, source):
-  tokens, resp = _encode_conversation(tokenizer, list(prompt) + list(response), len(prompt), eos_id)
-  tokens, resp = truncate(tokens, resp, max_len=max_len, max_prompt_len=max_prompt_len, stats=stats,
-                          overlong=overlong, source=source)
+                         overlong, source, truncation="tokens"):
+  tokens, resp = _encode_truncated(tokenizer, list(prompt) + list(response), len(prompt), eos_id, max_len=max_len,
+                                   max_prompt_len=max_prompt_len, stats=stats, overlong=overlong, source=source,
+                                   truncation=truncation)
   return sequence_row(tokens, resp, seq_len=max_len, pad_id=pad_id)
 
 
@@ -213,12 +395,26 @@ def _stack(rows: list[dict], prefix: str = "", suffix: str = "_BxT") -> dict[str
 
 def tokenize_pairs(examples: Sequence[dict], tokenizer, *, max_len: int, max_prompt_len: int | None = None,
                    pad_id: int = 0, eos_id: int | None = None, stats: dict | None = None,
-                   overlong: str = "truncate") -> dict[str, np.ndarray]:
-  """``pair`` examples -> ``{chosen,rejected}_{input_ids,targets,loss_mask,attention_mask}_BxT``."""
+                   overlong: str = "truncate", truncation: str = "tokens") -> dict[str, np.ndarray]:
+  """``pair`` examples -> ``{chosen,rejected}_{input_ids,targets,loss_mask,attention_mask}_BxT``.
+
+  Args:
+    examples: normalised ``pair`` examples (`rlhf_jax.data.formats`).
+    tokenizer: see `Tokenizer`.
+    max_len: ``T``, the row length.
+    max_prompt_len: the most prompt tokens kept (default ``max_len - 1``).
+    pad_id, eos_id: padding id; id appended to every response (None: nothing).
+    stats: truncation counters, updated in place (`new_token_stats`).
+    overlong: ``"truncate"`` or ``"raise"`` (a `DataError` instead of any truncation).
+    truncation: ``"tokens"`` or ``"turns"`` (see the module docstring).
+
+  Returns:
+    The batch (``B = len(examples)``).
+  """
   max_prompt_len = _check_lens(max_len, max_prompt_len)
-  stats = _stats(stats)
+  stats = _stats(stats, truncation)
   kw = dict(max_len=max_len, max_prompt_len=max_prompt_len, pad_id=pad_id, eos_id=eos_id, stats=stats,
-            overlong=overlong)
+            overlong=overlong, truncation=truncation)
   out = {}
   for side in ("chosen", "rejected"):
     rows = [_prompt_response_row(tokenizer, ex["prompt"], ex[side], source=ex.get("source", "?"), **kw)
@@ -229,10 +425,17 @@ def tokenize_pairs(examples: Sequence[dict], tokenizer, *, max_len: int, max_pro
 
 def tokenize_sft(examples: Sequence[dict], tokenizer, *, max_len: int, max_prompt_len: int | None = None,
                  pad_id: int = 0, eos_id: int | None = None, stats: dict | None = None,
-                 overlong: str = "truncate") -> dict[str, np.ndarray]:
-  """``sft`` (loss on every assistant turn) or ``pair``/``unpaired`` (loss on the chosen/completion) -> SFT keys."""
+                 overlong: str = "truncate", truncation: str = "tokens") -> dict[str, np.ndarray]:
+  """``sft`` (loss on every assistant turn) or ``pair``/``unpaired`` (loss on the chosen/completion) -> SFT keys.
+
+  Args: as `tokenize_pairs`; with ``truncation="turns"`` an over-long multi-turn ``sft``
+  conversation first loses its earliest exchanges (see the module docstring).
+
+  Returns:
+    ``{input_ids,targets,loss_mask,attention_mask}_BxT``.
+  """
   max_prompt_len = _check_lens(max_len, max_prompt_len)
-  stats = _stats(stats)
+  stats = _stats(stats, truncation)
   rows = []
   for ex in examples:
     if ex["kind"] == "sft":
@@ -241,9 +444,9 @@ def tokenize_sft(examples: Sequence[dict], tokenizer, *, max_len: int, max_promp
     else:
       response = ex["chosen"] if ex["kind"] == "pair" else ex["completion"]
       msgs, first = list(ex["prompt"]) + list(response), len(ex["prompt"])
-    tokens, resp = _encode_conversation(tokenizer, msgs, first, eos_id)
-    tokens, resp = truncate(tokens, resp, max_len=max_len, max_prompt_len=max_prompt_len, stats=stats,
-                            overlong=overlong, source=ex.get("source", "?"))
+    tokens, resp = _encode_truncated(tokenizer, msgs, first, eos_id, max_len=max_len, max_prompt_len=max_prompt_len,
+                                     stats=stats, overlong=overlong, source=ex.get("source", "?"),
+                                     truncation=truncation, multi_turn=ex["kind"] == "sft")
     rows.append(sequence_row(tokens, resp, seq_len=max_len, pad_id=pad_id))
   return _stack(rows)
 
@@ -257,15 +460,16 @@ def tokenize_unpaired(examples: Sequence[dict], tokenizer, **kwargs) -> dict[str
 
 def tokenize_ranked(examples: Sequence[dict], tokenizer, *, num_completions: int, max_len: int,
                     max_prompt_len: int | None = None, pad_id: int = 0, eos_id: int | None = None,
-                    stats: dict | None = None, overlong: str = "truncate") -> dict[str, np.ndarray]:
+                    stats: dict | None = None, overlong: str = "truncate",
+                    truncation: str = "tokens") -> dict[str, np.ndarray]:
   """``ranked`` examples -> ``{input_ids,targets,loss_mask,attention_mask}_BxKxT``, ``scores_BxK``, ``list_mask_BxK``.
 
   Lists longer than ``K = num_completions`` keep their K best (counted in
   ``stats["list_truncated"]``); shorter ones are padded with all-padding members
-  (``list_mask`` 0, score 0).
+  (``list_mask`` 0, score 0). Other arguments as `tokenize_pairs`.
   """
   max_prompt_len = _check_lens(max_len, max_prompt_len)
-  stats = _stats(stats)
+  stats = _stats(stats, truncation)
   K = int(num_completions)
   empty = sequence_row([], [], seq_len=max_len, pad_id=pad_id)
   lists, scores, masks = [], [], []
@@ -276,7 +480,7 @@ def tokenize_ranked(examples: Sequence[dict], tokenizer, *, num_completions: int
       comps, sc = comps[:K], sc[:K]
     rows = [_prompt_response_row(tokenizer, ex["prompt"], c, max_len=max_len, max_prompt_len=max_prompt_len,
                                  pad_id=pad_id, eos_id=eos_id, stats=stats, overlong=overlong,
-                                 source=ex.get("source", "?")) for c in comps]
+                                 source=ex.get("source", "?"), truncation=truncation) for c in comps]
     n = len(rows)
     rows += [empty] * (K - n)
     lists.append({k: np.stack([r[k] for r in rows]) for k in ROW_KEYS})
@@ -288,21 +492,59 @@ def tokenize_ranked(examples: Sequence[dict], tokenizer, *, num_completions: int
   return out
 
 
+def _fields(ex: dict) -> dict:
+  if ex["kind"] == "prompt_answer":
+    return {k: ex[k] for k in ("answer", "solution") if k in ex}
+  return dict(ex.get("fields") or {})
+
+
+def _answer(ex: dict) -> str | None:
+  if ex["kind"] == "prompt_answer":
+    return ex["answer"]
+  value = (ex.get("fields") or {}).get("answer")
+  return None if value is None else value if isinstance(value, str) else json.dumps(value)
+
+
 def tokenize_prompts(examples: Sequence[dict], tokenizer, *, max_prompt_len: int, pad_id: int = 0,
-                     stats: dict | None = None, overlong: str = "truncate", **unused) -> dict[str, Any]:
-  """``prompt_answer`` examples -> left-padded ``prompt_ids_BxP``/``prompt_mask_BxP`` (P = max_prompt_len), ``answers``."""
+                     stats: dict | None = None, overlong: str = "truncate", truncation: str = "tokens",
+                     **unused) -> dict[str, Any]:
+  """``prompt`` or ``prompt_answer`` examples -> left-padded prompts, their fields and answers.
+
+  Args:
+    examples: normalised ``prompt`` (any extra columns in ``fields``) or ``prompt_answer``
+      examples, mixed freely.
+    tokenizer: see `Tokenizer`.
+    max_prompt_len: ``P``; longer prompts are truncated by the ``truncation`` policy.
+    pad_id: the left padding id.
+    stats, overlong, truncation: as `tokenize_pairs`.
+    **unused: ignored (``max_len``, ``eos_id``, ... of a shared config).
+
+  Returns:
+    ``prompt_ids_BxP``, ``prompt_mask_BxP`` (int32), ``fields`` (a list of dicts, for reward
+    functions: a ``prompt`` example's ``fields``, ``{"answer", "solution"}`` for
+    ``prompt_answer``) and, when every example has one, ``answers`` (a list of strings: the
+    ``prompt_answer`` answer or the ``"answer"`` field, non-strings as JSON).
+  """
   del unused
-  stats = _stats(stats)
+  stats = _stats(stats, truncation)
   ids = np.full((len(examples), max_prompt_len), pad_id, np.int32)
   mask = np.zeros((len(examples), max_prompt_len), np.int32)
   for b, ex in enumerate(examples):
-    tokens = _encode(tokenizer, tokenizer.apply_chat_template(ex["prompt"], add_generation_prompt=True))
-    tokens, _ = truncate(tokens, [False] * len(tokens), max_len=max_prompt_len + 1, max_prompt_len=max_prompt_len,
-                         stats=stats, overlong=overlong, source=ex.get("source", "?"))
+    if ex["kind"] not in ("prompt", "prompt_answer"):
+      raise ValueError(f"tokenize_prompts takes 'prompt' or 'prompt_answer' examples; got {ex['kind']!r} "
+                       f"({ex.get('source', '?')}).")
+    prompt = list(ex["prompt"])
+    tokens, _ = _encode_truncated(tokenizer, prompt, len(prompt), None, max_len=max_prompt_len + 1,
+                                  max_prompt_len=max_prompt_len, stats=stats, overlong=overlong,
+                                  source=ex.get("source", "?"), truncation=truncation)
     if tokens:
       ids[b, -len(tokens):] = tokens
       mask[b, -len(tokens):] = 1
-  return {"prompt_ids_BxP": ids, "prompt_mask_BxP": mask, "answers": [ex["answer"] for ex in examples]}
+  out = {"prompt_ids_BxP": ids, "prompt_mask_BxP": mask, "fields": [_fields(ex) for ex in examples]}
+  answers = [_answer(ex) for ex in examples]
+  if all(a is not None for a in answers):
+    out["answers"] = answers
+  return out
 
 
 _BY_KIND = {
@@ -311,6 +553,7 @@ _BY_KIND = {
     "unpaired": tokenize_unpaired,
     "ranked": tokenize_ranked,
     "prompt_answer": tokenize_prompts,
+    "prompt": tokenize_prompts,
 }
 
 
@@ -325,24 +568,36 @@ def decode_record(record: Any) -> dict:
   return record
 
 
-def make_collate(kind: str, tokenizer, *, stats: dict | None = None, **kwargs) -> Callable[[list], dict]:
+def make_collate(kind: str, tokenizer, *, stats: dict | None = None, truncation: str = "tokens",
+                 warn_threshold: float | None = 0.05, what: str = "data.train_files",
+                 **kwargs) -> Callable[[list], dict]:
   """A ``collate`` for `BatchIterator.from_dataset` that decodes records and tokenises them.
 
   Args:
-    kind: the batch to build: ``"pair"``, ``"sft"``, ``"unpaired"``, ``"ranked"`` or
-      ``"prompt_answer"`` (``"sft"`` also accepts pair/unpaired records: loss on the chosen).
+    kind: the batch to build: ``"pair"``, ``"sft"``, ``"unpaired"``, ``"ranked"``,
+      ``"prompt_answer"`` or ``"prompt"`` (``"sft"`` also accepts pair/unpaired records: loss
+      on the chosen; the two prompt kinds both accept either kind).
     tokenizer: see `Tokenizer`.
     stats: truncation counters, updated in place (also ``collate.stats``).
+    truncation: ``"tokens"`` or ``"turns"`` (see the module docstring).
+    warn_threshold: after every batch, `warn_if_truncated` with this threshold (None: never).
+    what: the data's config key, named in that warning.
     **kwargs: ``max_len``, ``max_prompt_len``, ``pad_id``, ``eos_id``, ``overlong`` (and
       ``num_completions`` for ranked) of the ``tokenize_*`` function.
+
+  Returns:
+    ``collate(records) -> batch``, with the counters as ``collate.stats``.
   """
   if kind not in _BY_KIND:
     raise ValueError(f"Unknown kind {kind!r}; expected one of {sorted(_BY_KIND)}.")
   fn = _BY_KIND[kind]
-  stats = _stats(stats)
+  stats = _stats(stats, truncation)
 
   def collate(records: list) -> dict:
-    return fn([decode_record(r) for r in records], tokenizer, stats=stats, **kwargs)
+    batch = fn([decode_record(r) for r in records], tokenizer, stats=stats, truncation=truncation, **kwargs)
+    if warn_threshold is not None:
+      warn_if_truncated(stats, threshold=warn_threshold, what=what)
+    return batch
 
   collate.stats = stats
   return collate

@@ -13,6 +13,16 @@ Export writes ``model.safetensors`` + ``config.json`` (+ ``generation_config.jso
 and the tokenizer files) that ``transformers.AutoModelForCausalLM`` loads, also
 streamed: each parameter is gathered to the host only while its bytes are written.
 Import -> export -> import is exact.
+
+:func:`export_adapter` writes the LoRA adapters of a model from
+:func:`rlhf_jax.models.lora.apply_lora` in PEFT's format
+(``adapter_model.safetensors`` + ``adapter_config.json``), for
+``peft.PeftModel.from_pretrained(base, adapter_dir)`` on the exported (or original)
+base checkpoint. Each adapter is reshaped the way :func:`_ours_to_hf` maps its
+kernel: every target kernel ``W [in..., out...]`` becomes
+``W.reshape(prod(in), prod(out)).T``, so ``A [in..., r]`` -> ``lora_A [r, in]`` and
+``B [r, out...]`` -> ``lora_B [out, r]``. GGUF-loaded models use the same layout
+(llama.cpp's q/k row permutation is undone at load time).
 """
 
 from __future__ import annotations
@@ -388,3 +398,133 @@ def export_hf(model, tokenizer, out_dir: str, *, dtype: str | None = None,
       json.dump({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, f, indent=2)
   if tokenizer is not None:
     tokenizer.save(out_dir)
+
+
+# PEFT adapter export ---------------------------------------------------------
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_to_peft(a, b) -> tuple[np.ndarray, np.ndarray]:
+  """PEFT's ``(lora_A [r, in], lora_B [out, r])`` from ``A [in..., r]`` and ``B [r, out...]``.
+
+  Every LoRA target kernel is mapped to Hugging Face as ``W.reshape(in, out).T``
+  (see :func:`_ours_to_hf`), so ``(s·A·B).reshape(in, out).T = s·lora_B·lora_A``.
+  """
+  return _peft_a(a), _peft_b(b)
+
+
+def _peft_a(a) -> np.ndarray:
+  a = np.asarray(a)
+  return a.reshape(-1, a.shape[-1]).T
+
+
+def _peft_b(b) -> np.ndarray:
+  b = np.asarray(b)
+  return b.reshape(b.shape[0], -1).T
+
+
+def export_adapter(model, out_dir: str, *, base_model_name_or_path: str = "", dtype: str | None = None) -> None:
+  """Writes the model's LoRA adapters as a PEFT adapter directory.
+
+  ``peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out_dir)``
+  then computes what the adapted model computes (adapter dropout off), with
+  ``base`` the checkpoint the model was loaded from or ``export_hf(lora.base_model(model), ...)``.
+
+  Args:
+    model: a :class:`rlhf_jax.models.Transformer` with adapters from
+      :func:`rlhf_jax.models.lora.apply_lora` (sharded or not; each adapter is
+      gathered to the host one at a time). Adapters of differing rank or alpha
+      are written with PEFT's ``rank_pattern``/``alpha_pattern``.
+    out_dir: created if needed; gets ``adapter_model.safetensors`` (keys
+      ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` ...)
+      and ``adapter_config.json``.
+    base_model_name_or_path: recorded in ``adapter_config.json`` (the hub name or
+      directory of the base model, which PEFT's ``AutoPeftModel`` loads).
+    dtype: storage dtype ("float32", "bfloat16", "float16"); default the adapters' own.
+
+  Raises:
+    ValueError: the model has no adapters, or its dropout rates differ.
+    NotImplementedError: the model has a scalar head (PEFT's causal-LM format has no place for it).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from rlhf_jax.models import lora as lora_lib
+
+  c = model.config
+  if c.scalar_head_outputs:
+    raise NotImplementedError("export_adapter: the model has a scalar head, which a PEFT causal-LM adapter "
+                              "cannot hold (export LM policies only)")
+  found = lora_lib.adapters(model)
+  if not found:
+    raise ValueError("export_adapter: the model has no LoRA adapters (call lora.apply_lora first)")
+  entries = []  # (hf module name, short module name, adapter, num_in)
+  for dotted, _, name, adapter in found:
+    path = tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
+    weight_name, _ = _ours_to_hf(path, None, c)
+    module = weight_name[: -len(".weight")]
+    entries.append((module, module.rsplit(".", 1)[-1], adapter, lora_lib.KERNELS[name]))
+
+  ranks = [int(ad.a.get_value().shape[-1]) for _, _, ad, _ in entries]
+  alphas = [ad.scale * r for (_, _, ad, _), r in zip(entries, ranks)]
+  dropouts = sorted({ad.dropout for _, _, ad, _ in entries})
+  if len(dropouts) > 1:
+    raise ValueError(f"export_adapter: adapters have different dropout rates {dropouts}; PEFT has one lora_dropout")
+  r0 = max(set(ranks), key=ranks.count)
+  a0 = max(set(alphas), key=alphas.count)
+  rank_pattern = {m: r for (m, _, _, _), r in zip(entries, ranks) if r != r0}
+  alpha_pattern = {m: a for (m, _, _, _), a in zip(entries, alphas) if a != a0}
+
+  # Targets by short name when every layer has that adapter, else by full module name.
+  by_short = {}
+  for module, short, _, _ in entries:
+    by_short.setdefault(short, []).append(module)
+  targets = []
+  for short, modules in by_short.items():
+    targets += [short] if len(modules) == c.num_layers else modules
+
+  tensors = {}
+  for module, _, adapter, _ in entries:
+    key = f"base_model.model.{module}"
+    a_shape, b_shape = tuple(adapter.a.get_value().shape), tuple(adapter.b.get_value().shape)
+    r = a_shape[-1]
+    for part, var, shape in (("A", adapter.a, (r, int(np.prod(a_shape[:-1])))),
+                             ("B", adapter.b, (int(np.prod(b_shape[1:])), r))):
+      np_dtype = np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(var.get_value().dtype)
+
+      def thunk(var=var, part=part, np_dtype=np_dtype):
+        host = np.asarray(jax.device_get(var.get_value()))
+        return (_peft_a if part == "A" else _peft_b)(host).astype(np_dtype)
+
+      tensors[f"{key}.lora_{part}.weight"] = (shape, np_dtype, thunk)
+
+  def num(x):
+    return int(x) if float(x).is_integer() else float(x)
+
+  config = {
+      "peft_type": "LORA",
+      "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": base_model_name_or_path or None,
+      "revision": None,
+      "inference_mode": True,
+      "r": int(r0),
+      "lora_alpha": num(a0),
+      "lora_dropout": float(dropouts[0]),
+      "target_modules": targets,
+      "bias": "none",
+      "fan_in_fan_out": False,
+      "use_rslora": False,
+      "use_dora": False,
+      "init_lora_weights": True,
+      "modules_to_save": None,
+      "layers_to_transform": None,
+      "layers_pattern": None,
+      "rank_pattern": rank_pattern,
+      "alpha_pattern": {m: num(a) for m, a in alpha_pattern.items()},
+  }
+  os.makedirs(out_dir, exist_ok=True)
+  write_safetensors(os.path.join(out_dir, ADAPTER_WEIGHTS), tensors)
+  with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
+    json.dump(config, f, indent=2)

@@ -1,4 +1,9 @@
-"""Model construction: plain, or born sharded on a mesh (no full copy on one device)."""
+"""Model construction: plain, or born sharded on a mesh (no full copy on one device).
+
+:func:`with_scalar_head` adds a freshly initialised scalar head (value or reward)
+to an existing model, e.g. one loaded from a Hugging Face or GGUF checkpoint, for
+reward models and critics.
+"""
 
 from __future__ import annotations
 
@@ -32,3 +37,57 @@ def create_sharded_model(config: ModelConfig, mesh, *, seed: int = 0, rules=None
 
   init = jax.jit(lambda: nnx.state(Transformer(config, rngs=nnx.Rngs(seed))), out_shardings=shardings)
   return nnx.merge(graphdef, init())
+
+
+def with_scalar_head(model: Transformer, num_outputs: int, *, seed: int = 0, mesh=None,
+                     rules=None) -> Transformer:
+  """A copy of ``model`` with a new scalar head of ``num_outputs`` outputs.
+
+  The config gets ``scalar_head_outputs=num_outputs``; every existing parameter
+  is shared with ``model`` (the same arrays, so the same shardings; ``model`` is
+  unchanged), and LoRA adapters, if any, are kept. The head (``scalar_head
+  [D, num_outputs]``, ``scalar_bias [num_outputs]``) is exactly what
+  ``create_model(config, seed=seed)`` would draw: one jitted init of the whole
+  model whose unused outputs XLA removes, so only the head is computed.
+
+  Call it before :func:`rlhf_jax.models.lora.apply_lora`: LoRA never puts
+  adapters on the head, and ``lora.create_lora_train_state`` trains the head
+  together with the adapters.
+
+  Args:
+    model: a :class:`Transformer` without a scalar head.
+    num_outputs: the head's width (1 for a reward model or critic).
+    seed: the init seed of the head (as ``create_model``'s).
+    mesh: place the head on this mesh (by the logical-axis rules); default the
+      mesh of the model's parameters if they are sharded, else the default device.
+    rules: logical-axis rules for the head's sharding (default: the current rules).
+
+  Raises:
+    ValueError: ``num_outputs < 1``, or the model already has a scalar head.
+  """
+  old = model.config
+  if num_outputs < 1:
+    raise ValueError(f"with_scalar_head: num_outputs must be >= 1, got {num_outputs}")
+  if old.scalar_head_outputs:
+    raise ValueError(f"with_scalar_head: the model already has a scalar head ({old.scalar_head_outputs} outputs)")
+  config = old.replace(scalar_head_outputs=int(num_outputs))
+  if mesh is None:
+    sharding = getattr(model.embed.get_value(), "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      mesh = sharding.mesh
+
+  def head():
+    m = Transformer(config, rngs=nnx.Rngs(seed))
+    return nnx.state(m, nnx.Any(nnx.PathContains("scalar_head"), nnx.PathContains("scalar_bias")))
+
+  abstract_head = jax.eval_shape(head)
+  out_sh = mesh_lib.state_shardings(abstract_head, mesh, rules) if mesh is not None else None
+  head_state = jax.jit(head, out_shardings=out_sh)()
+
+  new = nnx.clone(model)
+  for _, node in nnx.iter_graph(new):  # the config is kept by the model and by its attention layers
+    if isinstance(node, nnx.Module) and vars(node).get("config") is not None and node.config == old:
+      node.config = config
+  new.scalar_head = head_state["scalar_head"]
+  new.scalar_bias = head_state["scalar_bias"]
+  return new

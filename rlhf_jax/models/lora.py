@@ -23,7 +23,15 @@ merges them back in. The frozen base is the DPO reference at no cost::
     loss = lora.lora_loss(make_preference_loss(ref_graphdef=lora.base_graphdef(model)), base_as_reference=True)
 
 :func:`merge_lora` folds the adapters into the kernels (a plain ``Transformer``
-for export).
+for :func:`rlhf_jax.models.hf.export_hf`);
+:func:`rlhf_jax.models.hf.export_adapter` writes the adapters alone in PEFT's
+format (``adapter_model.safetensors`` + ``adapter_config.json``) for
+``peft.PeftModel.from_pretrained`` on the base checkpoint.
+
+A reward model or critic with a scalar head
+(:func:`rlhf_jax.models.with_scalar_head`, called before :func:`apply_lora`)
+never gets adapters on the head, and :func:`create_lora_train_state` trains the
+head's ``scalar_head``/``scalar_bias`` with the adapters (``train_head=True``).
 """
 
 from __future__ import annotations
@@ -250,17 +258,37 @@ def reference_from_lora(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
   return nnx.graphdef(base), nnx.state(base)
 
 
-def create_lora_train_state(model: nnx.Module, optimizer, *, seed: int = 0, mesh=None, extras: Any = None):
-  """``create_train_state(model, optimizer, trainable=LoRA, ...)``: only adapters are trained.
+HEAD_PARAMS = ("scalar_head", "scalar_bias")
+
+
+def trainable_filter(model: nnx.Module | None = None, *, train_head: bool = True):
+  """The NNX filter of what LoRA training updates: every :class:`LoRA` variable,
+  plus the scalar head's ``scalar_head``/``scalar_bias`` when ``train_head`` and
+  ``model`` has a head (``model=None``: whenever the head is there)."""
+  has_head = model is None or bool(getattr(getattr(model, "config", None), "scalar_head_outputs", 0))
+  if not (train_head and has_head):
+    return LoRA
+  return nnx.Any(LoRA, nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(k) for k in HEAD_PARAMS))))
+
+
+def create_lora_train_state(model: nnx.Module, optimizer, *, seed: int = 0, mesh=None, extras: Any = None,
+                            train_head: bool = True):
+  """``create_train_state(model, optimizer, trainable=trainable_filter(model, train_head=...))``.
 
   Returns ``(graphdef, state, shardings)``; ``state.params`` and ``state.opt_state``
-  hold only adapter leaves; the base is in ``state.extras["frozen_params"]``.
+  hold only the adapter leaves and, for a model with a scalar head (a reward model
+  or critic) and ``train_head=True``, the freshly initialised head
+  (``scalar_head``, ``scalar_bias``), which has to learn too; the rest of the base
+  is in ``state.extras["frozen_params"]``. (With a trained head, the frozen base
+  lacks the head, so ``lora_loss(..., base_as_reference=True)`` applies to LM
+  policies only.)
   """
   from rlhf_jax.train.state import create_train_state  # models does not import train at load time
 
   if not adapters(model):
     raise ValueError("the model has no LoRA adapters: call apply_lora first")
-  return create_train_state(model, optimizer, seed=seed, mesh=mesh, extras=extras, trainable=LoRA)
+  return create_train_state(model, optimizer, seed=seed, mesh=mesh, extras=extras,
+                            trainable=trainable_filter(model, train_head=train_head))
 
 
 def lora_loss(loss_fn: Callable, *, base_as_reference: bool = False) -> Callable:

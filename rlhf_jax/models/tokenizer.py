@@ -1,8 +1,10 @@
 """Tokenizer: Hugging Face ``tokenizers`` plus the model's own Jinja chat template.
 
 Built from a ``tokenizer.json`` (:meth:`Tokenizer.from_file`,
-:meth:`Tokenizer.from_hf_dir`) or from GGUF metadata (byte-level BPE: vocabulary
-+ merges, :meth:`Tokenizer.from_gguf_metadata`). Chat templates are rendered in a
+:meth:`Tokenizer.from_hf_dir`), from GGUF metadata (byte-level BPE: vocabulary
++ merges, :meth:`Tokenizer.from_gguf_metadata`), or from nothing
+(:meth:`Tokenizer.byte_level`: one token per UTF-8 byte plus ChatML specials, for
+randomly initialised models). Chat templates are rendered in a
 sandboxed jinja2 environment with the globals Hugging Face templates use
 (``raise_exception``, ``strftime_now``, a ``tojson`` filter that keeps
 non-ASCII). :meth:`Tokenizer.encode_chat` returns ids with a mask marking only
@@ -20,6 +22,29 @@ from typing import Any, Sequence
 # "smollm" (SmolLM/SmolLM2): GPT-2 splitting with every digit its own piece, as
 # the original tokenizer.json (Digits(individual_digits=True) + ByteLevel) and llama.cpp do.
 _SPLIT_DIGITS_PRE = ("smollm", "starcoder", "refact")
+
+# ChatML, as SmolLM2 and Qwen write it: each turn ``<|im_start|>{role}\n{content}<|im_end|>\n``.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+BYTE_LEVEL_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's byte -> printable character table (the ``ByteLevel`` pre-tokenizer's alphabet)."""
+  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+      list(range(ord("\xae"), ord("\xff") + 1))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 def _raise_exception(message):
@@ -114,6 +139,34 @@ class Tokenizer:
                chat_template=meta.get("tokenizer.chat_template"),
                add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
                add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)))
+
+  @classmethod
+  def byte_level(cls, *, chat_template: str | None = None) -> "Tokenizer":
+    """A tokenizer that needs no files: every UTF-8 byte is one token (id = byte value).
+
+    Ids 0..255 are the bytes (GPT-2's byte-level alphabet, no merges), so any
+    text encodes and decodes losslessly; 256, 257, 258 are the special tokens
+    ``<|im_start|>`` (BOS), ``<|im_end|>`` (EOS, ends every chat turn) and
+    ``<|endoftext|>`` (padding): written in text they encode as one token each,
+    and ``decode(..., skip_special_tokens=True)`` drops them. BOS/EOS are never
+    added by :meth:`encode`. ``vocab_size`` is 259: set the model's
+    ``vocab_size`` to it (e.g. ``get_config("tiny").replace(vocab_size=tok.vocab_size)``).
+
+    Args:
+      chat_template: Jinja source; default :data:`CHATML_TEMPLATE` (generation
+        prompt ``<|im_start|>assistant\\n``).
+    """
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in BYTE_LEVEL_SPECIALS])
+    bos, eos, pad = (tok.token_to_id(t) for t in BYTE_LEVEL_SPECIALS)
+    return cls(tok, bos_id=bos, eos_id=eos, pad_id=pad,
+               chat_template=CHATML_TEMPLATE if chat_template is None else chat_template)
 
   @classmethod
   def from_file(cls, tokenizer_json: str, *, bos_token: str | None = None, eos_token: str | None = None,

@@ -15,8 +15,9 @@ Metrics:
   before training), ``logp_margin``, and DPO's implicit reward against the reference log-probs
   measured on the initial state: ``reward_accuracy``, ``reward_margin``, ``dpo_loss``
   (``-log σ(β·Δ)``; log 2 before training).
-* ranked lists: ``logp_top1_accuracy`` (the member the policy finds likeliest is the best
-  scored), ``reward_top1_accuracy`` (the same with the implicit reward), ``logp_mean``.
+* ranked lists: ``logp_top1_accuracy`` (the best-scored member is strictly the likeliest),
+  ``reward_top1_accuracy`` (the same with the implicit reward; 0 before training, when every
+  member ties), ``logp_mean``.
 * unpaired (KTO): ``label_accuracy`` (the implicit reward's sign matches the label; 0 counts as
   undesirable), ``desirable_logratio``, ``undesirable_logratio``.
 * reward models: ``accuracy`` (chosen above rejected, mean over heads), ``margin``.
@@ -155,10 +156,14 @@ def make_ranked_eval(graphdef, batches: Sequence, put_batch: Callable, *, refere
     live = o["list_mask_BxK"] > 0
     neg = -np.inf
     best = np.argmax(np.where(live, o["scores_BxK"], neg), -1)
-    top_logp = np.argmax(np.where(live, o["logps_BxK"], neg), -1)
-    top_reward = np.argmax(np.where(live, o["logps_BxK"] - ref["logps_BxK"], neg), -1)
-    return {"logp_top1_accuracy": float(np.mean(top_logp == best)),
-            "reward_top1_accuracy": float(np.mean(top_reward == best)),
+    def strictly_first(values):  # the best-scored member strictly above every other live one (ties: wrong)
+      v = np.where(live, values, neg)
+      top = np.take_along_axis(v, best[:, None], -1)[:, 0]
+      others = np.where(np.arange(v.shape[1])[None, :] == best[:, None], neg, v)
+      return float(np.mean(top > others.max(-1)))
+
+    return {"logp_top1_accuracy": strictly_first(o["logps_BxK"]),
+            "reward_top1_accuracy": strictly_first(o["logps_BxK"] - ref["logps_BxK"]),
             "logp_mean": float(o["logps_BxK"][live].mean())}
 
   return eval_fn

@@ -603,10 +603,11 @@ def demo_rows(fmt: str, split: str, n: int, *, seed: int = 0) -> list[dict]:
   """Raw rows of a generated task, "What is a + b?" (0 <= a, b < 50), in reader format ``fmt``.
 
   Train and eval questions are disjoint (``split`` picks by a hash of ``(a, b)``). Formats:
-  ``sft`` (messages with the sum), ``preference`` (chosen: the sum; rejected: the sum off by
-  1 to 3, so only correctness separates them), ``kto`` (the right or a wrong sum, labelled),
-  ``ultrafeedback`` (four answers scored by their distance to the sum), ``prompt`` (the
-  question and an ``answer`` column for a reward function).
+  ``sft`` (messages with the sum), ``preference`` (chosen: the sum; rejected: alternately a
+  sentence that breaks the "number only" instruction, and the sum off by 1 to 3), ``kto`` (the
+  sum, or one of those rejected answers, labelled), ``ultrafeedback`` (the sum, the sentence
+  and two wrong sums, scored), ``prompt`` (the question and an ``answer`` column for a reward
+  function).
   """
   rng = np.random.default_rng([seed, 0 if split == "train" else 1])
   grid = [(a, b) for a in range(50) for b in range(50) if ((a * 31 + b * 17) % 10 == 0) == (split != "train")]
@@ -616,17 +617,18 @@ def demo_rows(fmt: str, split: str, n: int, *, seed: int = 0) -> list[dict]:
     s = a + b
     wrong = [s + d for d in rng.permutation([-3, -2, -1, 1, 2, 3]) if s + d >= 0]
     prompt = [{"role": "system", "content": DEMO_SYSTEM}, {"role": "user", "content": f"What is {a} + {b}?"}]
+    verbose = f"The sum of {a} and {b} is {s}."
+    bad = verbose if i % 2 else str(wrong[0])  # against the instruction, or wrong
     if fmt == "sft":
       rows.append({"messages": prompt + [{"role": "assistant", "content": str(s)}]})
     elif fmt == "preference":
-      rows.append({"prompt": prompt, "chosen": str(s), "rejected": str(wrong[0])})
+      rows.append({"prompt": prompt, "chosen": str(s), "rejected": bad})
     elif fmt == "kto":
       good = bool(i % 2 == 0)
-      rows.append({"prompt": prompt, "completion": str(s if good else wrong[0]), "label": good})
+      rows.append({"prompt": prompt, "completion": str(s) if good else bad, "label": good})
     elif fmt == "ultrafeedback":
-      answers = [s] + wrong[:3]
-      rows.append({"prompt": prompt, "completions": [
-          {"response": str(x), "score": float(10 - abs(x - s))} for x in answers]})
+      answers = [(str(s), 10.0), (verbose, 6.0)] + [(str(x), float(5 - abs(x - s))) for x in wrong[:2]]
+      rows.append({"prompt": prompt, "completions": [{"response": t, "score": sc} for t, sc in answers]})
     elif fmt == "prompt":
       rows.append({"prompt": prompt, "answer": str(s)})
     else:

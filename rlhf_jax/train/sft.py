@@ -82,11 +82,18 @@ def make_eval_fn(model_graphdef, batches: list[dict], put_batch):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str):
-  """SFT on a generated task: model, mesh, optimizer, data, step and loop composed from ``config``."""
+  """SFT on a generated task: model, mesh, optimizer, data, step and loop composed from ``config``.
+
+  Writes ``<workdir>/result.json`` (`writers.write_result`) with the headline: held-out exact
+  match (greedy decoding reproduces the answer) of the initial model and of the trained one, by
+  the same eval function on the same held-out batches. The initial figure is measured before the
+  loop from the freshly initialised state, so a run resumed (even at its last step) still reports
+  it. Returns the loop's ``LoopResult``; a preempted run writes no result.
+  """
   from rlhf_jax import data as data_lib
   from rlhf_jax import models, parallel
   from rlhf_jax.checkpoint import Checkpointer
-  from rlhf_jax.train import loop, optim, state as state_lib, step as step_lib
+  from rlhf_jax.train import loop, optim, state as state_lib, step as step_lib, writers
 
   mesh = parallel.make_mesh(dict(config.mesh))
   model_cfg = models.config_from_section(config.model)
@@ -110,9 +117,11 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   eval_iter = data_lib.synthetic_sft_iterator(batch_size=config.eval.batch_size, seed=config.data.seed + 10_000, **data_kw)
   eval_batches = [next(eval_iter) for _ in range(config.eval.num_batches)]
   eval_fn = make_eval_fn(graphdef, eval_batches, put)
+  # Before training (the train step donates the state, and a resumed loop replaces it).
+  before = eval_fn(state)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep)
   try:
-    return loop.train_loop(
+    res = loop.train_loop(
         step_fn=train_step, state=state, batches=batches, num_steps=config.num_steps,
         workdir=workdir, put_batch=put, checkpointer=checkpointer, state_shardings=shardings,
         checkpoint_every=config.checkpoint.every, eval_fn=eval_fn, eval_every=config.eval.every,
@@ -122,3 +131,17 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     )
   finally:
     checkpointer.close()
+  if res.preempted:
+    return res
+  # The loop evaluated the final state; a run resumed at its last step did not.
+  after = {k[len("eval/"):]: v for k, v in res.eval_metrics.items()} if res.eval_metrics else eval_fn(res.state)
+  result = {
+      "headline": writers.make_headline("exact_match", before["exact_match"], after["exact_match"]),
+      "heldout_before": before,
+      "heldout_after": after,
+      "num_steps": int(res.end_step),
+      "final_metrics": res.last_metrics,
+  }
+  writers.write_result(workdir, result, not_printed=("final_metrics",), train_metrics=res.last_metrics,
+                       eval_metrics=after)
+  return res

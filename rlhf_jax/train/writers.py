@@ -137,6 +137,10 @@ def _fmt(v) -> str:
   return str(v)
 
 
+_BOOKKEEPING = frozenset({"grads_finite", "loss_finite", "nonfinite_streak", "update_skipped", "weight",
+                          "loss_tokens"})
+
+
 def summary_lines(workdir: str, result: Mapping, *, train_metrics: Mapping | None = None,
                   eval_metrics: Mapping | None = None, paths: Mapping[str, str] | None = None,
                   max_metrics: int = 8) -> list[str]:
@@ -148,7 +152,9 @@ def summary_lines(workdir: str, result: Mapping, *, train_metrics: Mapping | Non
   lines = [f"headline (held-out): {h['metric']} {_fmt(h['before'])} -> {_fmt(h['after'])} ({arrow})"]
   for name, metrics in (("final train", train_metrics), ("final eval", eval_metrics)):
     if metrics:
-      items = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+      items = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and k not in _BOOKKEEPING and not k.startswith("data/")]
+      items.sort(key=lambda kv: (kv[0] != "loss", 0))
       shown = ", ".join(f"{k} {_fmt(v)}" for k, v in items[:max_metrics])
       lines.append(f"{name}: {shown}" + (" ..." if len(items) > max_metrics else ""))
   files = {"result": os.path.join(workdir, "result.json")}
