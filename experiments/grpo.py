@@ -31,7 +31,6 @@ with ``eval_sampling=sampled``), before -> after. Sample completions with their 
 ``samples.jsonl`` and TensorBoard text at each evaluation.
 """
 
-import json
 import os
 
 import jax
@@ -42,7 +41,7 @@ from flax import nnx
 from rlhf_jax import advantages as adv_lib
 from rlhf_jax import losses as losses_lib
 from rlhf_jax import sampling
-from rlhf_jax.train import online, recipe, reward_fns as reward_lib, step as step_lib
+from rlhf_jax.train import evaluation, online, recipe, reward_fns as reward_lib, step as step_lib
 
 CONFIG_HELP = {
     **recipe.SHARED_HELP,
@@ -327,31 +326,17 @@ def main(config, workdir):
   eval_rollout = online.make_rollout_fn(policy_graphdef, max_new_tokens=max_new,
                                         processor=None if config.eval_sampling == "greedy" else _processor(config),
                                         eos_id=tok.eos_id, pad_id=tok.pad_id)
-  samples_path = os.path.join(workdir, "samples.jsonl")
-  tb = {}
+  held_out = evaluation.make_generation_eval(
+      eval_rollout, eval_tokens,
+      lambda idx, prompts, tokens, lengths: score([data.eval[i] for i in idx], prompts, tokens, lengths),
+      batch_size=int(config.eval_batch_size), prompt_length=prompt_len, pad_id=tok.pad_id, seed=config.seed + 99)
+  samples = evaluation.SampleLog(workdir, num_samples=int(config.log_samples))
+  eval_prompts = [_last_user_text(ex["prompt"]) for ex in data.eval]
 
-  def evaluate(s, step_index=None):
-    params = state_params(s)
-    bsz = int(config.eval_batch_size)
-    totals, parts_all, texts_all = [], {}, []
-    for start in range(0, len(eval_tokens), bsz):
-      chunk = list(range(start, min(start + bsz, len(eval_tokens))))
-      rows = chunk + [chunk[-1]] * (bsz - len(chunk))
-      ids, mask = sampling.left_pad([eval_tokens[i] for i in rows], pad_id=tok.pad_id, length=prompt_len)
-      ro = eval_rollout(params, ids, mask, jax.random.PRNGKey(config.seed + 99), np.arange(bsz))
-      n = len(chunk)
-      total, parts, texts = score([data.eval[i] for i in chunk], [eval_tokens[i] for i in chunk],
-                                  ro.tokens_BxN[:n], ro.response_mask_BxN[:n].sum(-1))
-      totals.append(total)
-      texts_all += texts
-      for k, v in parts.items():
-        parts_all.setdefault(k, []).append(v)
-    total = np.concatenate(totals)
-    out = {"reward_mean": float(total.mean())}
-    out.update({f"reward/{k}": float(np.concatenate(v).mean()) for k, v in parts_all.items()})
-    if step_index is not None and jax.process_index() == 0 and config.log_samples:
-      _log_samples(samples_path, tb, workdir, step_index, data.eval, texts_all, total, int(config.log_samples))
-    return out
+  def evaluate(s, step_index):
+    metrics, texts, rewards_B = held_out(state_params(s))
+    samples.write(step_index, eval_prompts, texts, rewards_B)
+    return metrics
 
   before = evaluate(state, 0)
   steps_per_iteration = int(config.ppo_epochs) * int(config.num_minibatches)
@@ -379,8 +364,7 @@ def main(config, workdir):
         plot_keys=("reward_mean", "eval/reward_mean", "kl", "entropy", "clip_fraction", "response_length"))
   finally:
     ck.close()
-    if "writer" in tb:
-      tb["writer"].close()
+    samples.close()
   if res.preempted:
     return res
   after = evaluate(res.state, res.end)
@@ -425,20 +409,3 @@ def _remax_on_state(greedy, reward_fn, state_params):
     return state, dict(batch, advantages_BxN=np.asarray(a, np.float32))
 
   return fn
-
-
-def _log_samples(path, tb, workdir, step, examples, texts, rewards, n):
-  """A few held-out completions with their rewards: ``samples.jsonl`` and TensorBoard text."""
-  rows = [{"step": int(step), "prompt": _last_user_text(ex["prompt"]), "completion": t, "reward": float(r)}
-          for ex, t, r in list(zip(examples, texts, rewards))[:n]]
-  with open(path, "a") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
-  if "writer" not in tb:
-    from tensorboardX import SummaryWriter
-
-    tb["writer"] = SummaryWriter(os.path.join(workdir, "tensorboard"))
-  text = "\n\n".join(f"**prompt** {r['prompt']}  \n**completion** {r['completion']}  \n**reward** {r['reward']:.3f}"
-                     for r in rows)
-  tb["writer"].add_text("samples", text, int(step))
-  tb["writer"].flush()

@@ -188,6 +188,26 @@ def test_reward_model_recipe_two_heads(tmp_path):
   assert "accuracy_head1" in r["heldout_after"] and "ensemble_accuracy" in r["heldout_after"]
 
 
+def test_reward_model_recipe_hf_llama_lora_ultrafeedback(tmp_path):
+  """LoRA reward model on a Hugging Face Llama (adapters and the new head train), UltraFeedback rows."""
+  from rlhf_jax.models.tokenizer import Tokenizer
+  from rlhf_jax.train import recipe
+
+  tok = Tokenizer.byte_level()
+  base = tmp_path / "base"
+  _tiny_hf_llama(base, tok.vocab_size)
+  tok.save(str(base))
+  train, held = files(tmp_path, "ultrafeedback")
+  wd = tmp_path / "rm"
+  r = run("reward_model.py", wd, f"--config.model.path={base}", "--config.lora.rank=8",
+          f"--config.data.train_files={train}", f"--config.data.eval_files={held}", "--config.num_steps=40",
+          "--config.batch_size=8", "--config.optimizer.learning_rate=3e-3", *COMMON)
+  h = improved(r)
+  assert r["data_format"] == "ultrafeedback" and h["after"] >= 0.8
+  model, _ = recipe.load_run(str(wd))  # the adapters merged, the trained head restored
+  assert model.config.scalar_head_outputs == 1
+
+
 REWARDS = '''
 CALLS = []
 
@@ -224,11 +244,13 @@ def test_grpo_recipe_user_rewards(tmp_path):
 
 def test_grpo_reward_fn_needs_a_missing_column(tmp_path, capsys):
   train, _ = files(tmp_path, "prompt")
-  run("grpo.py", tmp_path / "g", f"--config.data.train_files={train}",
-      "--config.reward.fns=rlhf_jax.rewards:exact_match_reward", expect=2)
+  (tmp_path / "r.py").write_text("def needs_gold(completions, prompts, gold):\n    return [0.0] * len(completions)\n")
+  run("grpo.py", tmp_path / "g", f"--config.data.train_files={train}", f"--config.reward.fns={tmp_path / 'r.py'}:needs_gold",
+      expect=2)
   err = capsys.readouterr().err
-  assert "exact_match_reward needs ['reference']" not in err or True
-  assert err.startswith("error: ") and "Traceback" not in err
+  assert "needs_gold needs ['gold']" in err and "Traceback" not in err
+  run("grpo.py", tmp_path / "g2", f"--config.data.train_files={train}", "--config.reward.fns=no_such_module:fn", expect=2)
+  assert "config.reward.fns" in capsys.readouterr().err
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):

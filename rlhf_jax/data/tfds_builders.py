@@ -12,6 +12,7 @@ builder (tfds name)            kind             source formats
 `RankedLists`                  ``ranked``       ultrafeedback
 `UnpairedExamples`             ``unpaired``     kto
 `PromptsWithAnswers`           ``prompt_answer`` gsm8k
+`Prompts`                      ``prompt``        prompt
 `SftConversations`             ``sft``          sft
 =============================  ===============  ==========================================
 
@@ -47,6 +48,7 @@ from rlhf_jax.data.formats import KIND_OF_FORMAT, new_stats, read_examples
 __all__ = [
     "BUILDERS",
     "PreferencePairs",
+    "Prompts",
     "PromptsWithAnswers",
     "RankedLists",
     "SftConversations",
@@ -129,13 +131,20 @@ class PromptsWithAnswers(_LocalFileBuilder):
   KIND = "prompt_answer"
 
 
+class Prompts(_LocalFileBuilder):
+  """``prompt`` examples (a prompt and its extra columns, for online RL)."""
+  name = "rlhf_jax_prompts"
+  KIND = "prompt"
+
+
 class SftConversations(_LocalFileBuilder):
   """``sft`` examples (sft)."""
   name = "rlhf_jax_sft_conversations"
   KIND = "sft"
 
 
-BUILDERS = {b.KIND: b for b in (PreferencePairs, RankedLists, UnpairedExamples, PromptsWithAnswers, SftConversations)}
+BUILDERS = {b.KIND: b for b in (PreferencePairs, RankedLists, UnpairedExamples, PromptsWithAnswers, Prompts,
+                                 SftConversations)}
 
 
 def build_dataset(kind: str | None, paths, *, source_format: str, data_dir: str,

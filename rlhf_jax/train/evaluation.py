@@ -216,3 +216,79 @@ def make_reward_eval(graphdef, batches: Sequence, put_batch: Callable):
     return out
 
   return eval_fn
+
+
+# ----------------------------------------------------------------------------- online RL
+
+
+def make_generation_eval(rollout_fn: Callable, prompts: Sequence[Sequence[int]], score_fn: Callable, *,
+                         batch_size: int, prompt_length: int, pad_id: int = 0, seed: int = 0):
+  """Mean reward of completions of held-out prompts: ``eval(params) -> (metrics, texts, rewards_B)``.
+
+  ``rollout_fn`` is :func:`rlhf_jax.train.online.make_rollout_fn` (greedy with
+  ``processor=None``, else sampled; the key is fixed, so evaluations are comparable);
+  ``prompts`` are token lists, decoded in fixed-shape batches of ``batch_size`` (left-padded
+  to ``prompt_length``; the last batch repeats a prompt, which is not scored).
+  ``score_fn(indices, prompts, tokens_BxN, lengths_B) -> (rewards_B, {name: values_B}, texts)``
+  scores the real rows. Metrics: ``reward_mean``, ``reward/<name>`` per reward part and
+  ``response_length``.
+  """
+  from rlhf_jax import sampling
+
+  def evaluate(params):
+    totals, parts_all, texts_all, lengths = [], {}, [], []
+    for start in range(0, len(prompts), batch_size):
+      chunk = list(range(start, min(start + batch_size, len(prompts))))
+      rows = chunk + [chunk[-1]] * (batch_size - len(chunk))
+      ids, mask = sampling.left_pad([list(prompts[i]) for i in rows], pad_id=pad_id, length=prompt_length)
+      ro = rollout_fn(params, ids, mask, jax.random.PRNGKey(seed), np.arange(batch_size))
+      n = len(chunk)
+      length = ro.response_mask_BxN[:n].sum(-1)
+      total, parts, texts = score_fn(chunk, [prompts[i] for i in chunk], ro.tokens_BxN[:n], length)
+      totals.append(np.asarray(total, np.float32))
+      lengths.append(length)
+      texts_all += list(texts)
+      for k, v in parts.items():
+        parts_all.setdefault(k, []).append(np.asarray(v, np.float32))
+    total = np.concatenate(totals)
+    out = {"reward_mean": float(total.mean()), "response_length": float(np.concatenate(lengths).mean())}
+    out.update({f"reward/{k}": float(np.concatenate(v).mean()) for k, v in parts_all.items()})
+    return out, texts_all, total
+
+  return evaluate
+
+
+class SampleLog:
+  """A few held-out completions with their rewards at each evaluation: ``<workdir>/samples.jsonl``
+  (one JSON row each: step, prompt, completion, reward) and TensorBoard text (tag ``samples``)."""
+
+  def __init__(self, workdir: str, *, num_samples: int = 4):
+    import os
+
+    self.path = os.path.join(workdir, "samples.jsonl")
+    self.tb_dir = os.path.join(workdir, "tensorboard")
+    self.num_samples = int(num_samples)
+    self._tb = None
+
+  def write(self, step: int, prompts: Sequence[str], completions: Sequence[str], rewards) -> None:
+    import json
+
+    if not self.num_samples or jax.process_index() != 0:
+      return
+    rows = [{"step": int(step), "prompt": p, "completion": c, "reward": float(r)}
+            for p, c, r in list(zip(prompts, completions, rewards))[: self.num_samples]]
+    with open(self.path, "a") as f:
+      for r in rows:
+        f.write(json.dumps(r) + "\n")
+    if self._tb is None:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(self.tb_dir)
+    text = "\n\n".join(f"**prompt** {r['prompt']}  \n**completion** {r['completion']}  \n**reward** {r['reward']:.3f}"
+                       for r in rows)
+    self._tb.add_text("samples", text, int(step))
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()

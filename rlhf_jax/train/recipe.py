@@ -465,7 +465,7 @@ def run_training(*, name: str, config, workdir: str, step_fn, state, shardings, 
         put_batch=put_batch, checkpointer=ck, state_shardings=shardings, checkpoint_every=int(config.save_every),
         eval_fn=eval_fn, eval_every=int(config.eval_every), log_every=max(int(config.log_every), 1),
         progress=bool(config.progress), plot_keys=tuple(plot_keys),
-        data_stats=lambda: [data.token_stats] + list(data.parse_stats.values()),
+        data_stats=lambda: {**data.parse_stats, "tokens": data.token_stats},
         run_config=run_config(name, config), **kw)
   finally:
     ck.close()
@@ -570,8 +570,7 @@ def load_run(workdir: str, *, merge: bool = True, step: int | None = None, mesh=
   if saved.get("algorithm") == "ppo":
     target = {"policy": params}
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
-  with ocp.CheckpointManager(ck_dir, item_names=("state", "data")) as mngr:
-    restored = _restore_params(mngr, step, abstract)
+  restored = _restore_params(os.path.join(ck_dir, str(step), "state"), abstract)
   if saved.get("algorithm") == "ppo":
     restored = restored["policy"]
   if info["lora"]:
@@ -580,57 +579,16 @@ def load_run(workdir: str, *, merge: bool = True, step: int | None = None, mesh=
   return nnx.merge(graphdef, restored), tok
 
 
-def _restore_params(mngr, step: int, abstract_params):
-  """Only ``state.params`` of a saved :class:`TrainState` (the optimizer state is never read)."""
+def _restore_params(path: str, abstract_params):
+  """Only ``params`` of a saved :class:`TrainState` (the optimizer state and the rest are never read)."""
   import orbax.checkpoint as ocp
 
-  meta = mngr.item_metadata(step)["state"]
-  tree = getattr(meta, "tree", meta)
-  # Restore the whole saved structure lazily: everything but `params` is skipped by placeholders.
-  target = jax.tree.map(lambda m: ocp.PLACEHOLDER, tree, is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))
-  key = "params" if isinstance(target, dict) else 1
-  target[key] = abstract_params
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  return out["state"][key]
-
-
-# ----------------------------------------------------------------------------- demo data
-
-DEMO_SYSTEM = "Reply with the number only."
-
-
-def demo_rows(fmt: str, split: str, n: int, *, seed: int = 0) -> list[dict]:
-  """Raw rows of a generated task, "What is a + b?" (0 <= a, b < 50), in reader format ``fmt``.
-
-  Train and eval questions are disjoint (``split`` picks by a hash of ``(a, b)``). Formats:
-  ``sft`` (messages with the sum), ``preference`` (chosen: the sum; rejected: alternately a
-  sentence that breaks the "number only" instruction, and the sum off by 1 to 3), ``kto`` (the
-  sum, or one of those rejected answers, labelled), ``ultrafeedback`` (the sum, the sentence
-  and two wrong sums, scored), ``prompt`` (the question and an ``answer`` column for a reward
-  function).
-  """
-  rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-  grid = [(a, b) for a in range(50) for b in range(50) if ((a * 31 + b * 17) % 10 == 0) == (split != "train")]
-  rows = []
-  for i in range(n):
-    a, b = grid[int(rng.integers(len(grid)))]
-    s = a + b
-    wrong = [s + d for d in rng.permutation([-3, -2, -1, 1, 2, 3]) if s + d >= 0]
-    prompt = [{"role": "system", "content": DEMO_SYSTEM}, {"role": "user", "content": f"What is {a} + {b}?"}]
-    verbose = f"The sum of {a} and {b} is {s}."
-    bad = verbose if i % 2 else str(wrong[0])  # against the instruction, or wrong
-    if fmt == "sft":
-      rows.append({"messages": prompt + [{"role": "assistant", "content": str(s)}]})
-    elif fmt == "preference":
-      rows.append({"prompt": prompt, "chosen": str(s), "rejected": bad})
-    elif fmt == "kto":
-      good = bool(i % 2 == 0)
-      rows.append({"prompt": prompt, "completion": str(s) if good else bad, "label": good})
-    elif fmt == "ultrafeedback":
-      answers = [(str(s), 10.0), (verbose, 6.0)] + [(str(x), float(5 - abs(x - s))) for x in wrong[:2]]
-      rows.append({"prompt": prompt, "completions": [{"response": t, "score": sc} for t, sc in answers]})
-    elif fmt == "prompt":
-      rows.append({"prompt": prompt, "answer": str(s)})
-    else:
-      raise ValueError(f"demo_rows: no demo rows in format {fmt!r}")
-  return rows
+  with ocp.PyTreeCheckpointer() as ck:
+    meta = ck.metadata(path)
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", None) or getattr(meta, "item_metadata", meta)
+    if not isinstance(tree, dict) or "params" not in tree:
+      raise UserError(f"load_run: {path} does not hold a train state with params")
+    target = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    return ck.restore(path, args=args)["params"]
