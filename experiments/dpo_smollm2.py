@@ -64,7 +64,7 @@ from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.data import tokenize
 from rlhf_jax.models import lora
 from rlhf_jax.models.pretrained import fetch_smollm2, from_pretrained
-from rlhf_jax.train import loop, optim, preference, step as step_lib, writers
+from rlhf_jax.train import evaluation, loop, optim, preference, step as step_lib, writers
 
 
 def get_config(arg=None):
@@ -160,19 +160,9 @@ def make_pair_logps(graphdef, *, batch_size):
   return logps
 
 
-def pair_metrics(pc, pr, rc, rr, beta):
-  """Held-out preference metrics of policy log-probs ``pc, pr`` against reference ``rc, rr``."""
-  margin = beta * ((pc - rc) - (pr - rr))
-  return {
-      # The model itself ranks the correct answer above the wrong one (meaningful before training).
-      "logp_accuracy": float(np.mean(pc > pr)),
-      "logp_margin": float(np.mean(pc - pr)),
-      # DPO's implicit reward (rewards/accuracies and rewards/margins on held-out pairs); identically
-      # 0 before training, when the policy is the reference.
-      "reward_accuracy": float(np.mean(margin > 0)),
-      "reward_margin": float(np.mean(margin)),
-      "dpo_loss": float(np.mean(np.logaddexp(0.0, -margin))),  # -log sigmoid(margin); log 2 before training
-  }
+# Held-out preference metrics of policy log-probs against reference log-probs: logp_accuracy,
+# logp_margin, reward_accuracy / reward_margin (DPO's implicit reward; 0 before training) and dpo_loss.
+pair_metrics = evaluation.pair_metrics
 
 
 # ----------------------------------------------------------------------------- main

@@ -320,7 +320,7 @@ def main(config, workdir):
   elif config.adv_estimator == "remax":
     greedy = online.make_rollout_fn(policy_graphdef, max_new_tokens=max_new, processor=None, eos_id=tok.eos_id,
                                     pad_id=tok.pad_id)
-    batch_fn = _remax_on_state(greedy, reward_fn, state_params)
+    batch_fn = online.make_remax_batch_fn(greedy, reward_fn, state_params_fn=state_params)
 
   # Held-out evaluation: mean reward of the held-out prompts (greedy, or sampled), with samples logged.
   eval_rollout = online.make_rollout_fn(policy_graphdef, max_new_tokens=max_new,
@@ -387,25 +387,3 @@ class _LoopLike:
   def __init__(self, res, iters):
     self.state, self.last_metrics, self.preempted, self.signum = res.state, res.last_metrics, res.preempted, res.signum
     self.start_step, self.end_step, self.eval_metrics = res.start, res.end, {}
-
-
-def _remax_on_state(greedy, reward_fn, state_params):
-  """ReMax's greedy baseline with the policy parameters read from the state (LoRA-aware)."""
-  from rlhf_jax import advantages as adv
-
-  remax = adv.get("remax")
-
-  def fn(state, batch, rewards_B, rollout):
-    import jax.numpy as jnp
-
-    n = rollout.tokens_BxN.shape[1]
-    p = rollout.input_ids_BxT.shape[1] - n + 1
-    ids, mask = rollout.input_ids_BxT[:, :p], rollout.attention_mask_BxT[:, :p]
-    g = greedy(state_params(state), ids, mask, jax.random.PRNGKey(0), rollout.group_ids_B)
-    prompts = [row[m > 0] for row, m in zip(ids, mask)]
-    baseline = np.asarray(reward_fn(prompts, g.tokens_BxN, g.response_mask_BxN.sum(-1)), np.float32)
-    a = remax(jnp.asarray(rewards_B, jnp.float32), jnp.asarray(batch["response_mask_BxN"]), None,
-              baseline_rewards_B=jnp.asarray(baseline))
-    return state, dict(batch, advantages_BxN=np.asarray(a, np.float32))
-
-  return fn

@@ -264,7 +264,7 @@ def test_truncation_warning_fires_once(caplog):
   assert len(warnings) == 1
   msg = warnings[0].getMessage()
   assert "config.data.train_files: 2 of 10 sequences (20.0%, more than 5.0%) were truncated" in msg
-  assert "8 turns" in msg and "config.data.max_len / config.data.max_prompt_len" in msg
+  assert "8 turns" in msg and "config.max_len / config.max_prompt_len" in msg
   assert collate.stats["_warned"] == 1 and "data/_warned" not in F.stats_metrics(collate.stats)
   assert F.stats_metrics(collate.stats)["data/truncated"] == 6.0
   # a fresh stats dict warns again; under the threshold, never

@@ -106,7 +106,34 @@ def improved(result):
 COMMON = ("--config.max_len=96", "--config.max_prompt_len=48", "--config.eval_batch_size=24")
 
 
-@pytest.mark.parametrize("fmt", ["hh_rlhf", "conversational", "implicit"])
+@pytest.mark.parametrize("experiment", ["sft.py", "dpo.py"])  # reward_model.py: the rows of dpo.py; grpo.py: test_demo_files
+def test_recipe_defaults_generate_their_data(tmp_path, experiment):
+  """With no data.train_files a recipe writes its demo task to <workdir>/data and trains on it."""
+  r = run(experiment, tmp_path / "run", "--config.num_steps=2", "--config.batch_size=4", "--config.eval_batch_size=8",
+          "--config.data.max_eval_examples=8")
+  assert os.path.exists(tmp_path / "run" / "data" / "train.jsonl") and np.isfinite(r["headline"]["after"])
+
+
+def test_demo_files_and_their_reward(tmp_path):
+  import importlib.util
+
+  from rlhf_jax.train import demo_files
+
+  paths = demo_files.write_demo_files(str(tmp_path), num_train=8, num_eval=4)
+  spec = importlib.util.spec_from_file_location("my_rewards", paths["my_rewards"])
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  assert mod.correct(["12", " 5 "], ["a", "b"], answer=["12", "6"]) == [1.0, 0.0]
+  assert mod.number_only(["12", "x 5"]) == [0.5, 0.0]
+  from rlhf_jax import data as data_lib
+
+  for name, fmt in (("chats", "sft"), ("pairs", "preference"), ("kto", "kto"), ("ranked", "ultrafeedback"),
+                    ("prompts", "prompt")):
+    examples, stats, detected = data_lib.load_dataset(paths[name])
+    assert detected == fmt and len(examples) == 8 and stats["skipped"] == 0
+
+
+@pytest.mark.parametrize("fmt", ["hh_rlhf", "implicit"])  # conversational: test_dpo_loss_mix_and_bad_loss
 def test_dpo_pairs_formats(tmp_path, fmt):
   train, held = files(tmp_path, fmt)
   r = run("dpo.py", tmp_path / "run", f"--config.data.train_files={train}", f"--config.data.eval_files={held}",
@@ -325,37 +352,28 @@ def test_hf_llama_lora_dpo_exports_adapter_and_merged(tmp_path):
     np.testing.assert_allclose(adapted(torch.tensor(ids, dtype=torch.long)).logits.numpy(), ours, atol=1e-4, rtol=1e-4)
 
 
-def test_grpo_from_sft_run_with_lora_and_reward_model(tmp_path):
-  """SFT run -> its workdir as model.path of a LoRA GRPO run scored by a function and a reward-model run."""
+def test_sft_then_reward_model_then_grpo_lora_and_ppo(tmp_path):
+  """One pipeline of runs, each starting from the last one's workdir: SFT -> reward model (from the SFT
+  run) -> LoRA GRPO scored by a function and the reward-model run -> PPO with the critic from that run."""
   train_sft, held_sft = files(tmp_path, "sft", n_train=48, n_eval=8)
+  short = ("--config.batch_size=8", "--config.num_steps=4", *COMMON)
   run("sft.py", tmp_path / "sft", f"--config.data.train_files={train_sft}", f"--config.data.eval_files={held_sft}",
-      "--config.num_steps=10", "--config.batch_size=8", *COMMON)
+      *short)
   train_rm, held_rm = files(tmp_path, "conversational", n_train=48, n_eval=8)
   run("reward_model.py", tmp_path / "rm", f"--config.data.train_files={train_rm}",
-      f"--config.data.eval_files={held_rm}", f"--config.model.path={tmp_path / 'sft'}", "--config.num_steps=10",
-      "--config.batch_size=8", *COMMON)
+      f"--config.data.eval_files={held_rm}", f"--config.model.path={tmp_path / 'sft'}", *short)
   train, held = files(tmp_path, "prompt", n_train=32, n_eval=8)
   rewards = tmp_path / "my_rewards.py"
   rewards.write_text(REWARDS)
-  r = run("grpo.py", tmp_path / "grpo", f"--config.model.path={tmp_path / 'sft'}", "--config.lora.rank=4",
-          f"--config.data.train_files={train}", f"--config.data.eval_files={held}",
-          f"--config.reward.fns={rewards}:digits", f"--config.reward.model_path={tmp_path / 'rm'}",
-          "--config.num_steps=3", "--config.batch_size=4", "--config.group_size=2", "--config.kl_coef=0.05",
-          "--config.max_len=64", "--config.max_prompt_len=48", "--config.eval_batch_size=8")
-  assert "reward/reward_model" in r["heldout_after"] and np.isfinite(r["headline"]["after"])
-  assert "run" in r["model"]
-
-
-def test_grpo_ppo_with_critic_from_reward_model(tmp_path):
-  train_rm, held_rm = files(tmp_path, "conversational", n_train=48, n_eval=8)
-  run("reward_model.py", tmp_path / "rm", f"--config.data.train_files={train_rm}",
-      f"--config.data.eval_files={held_rm}", "--config.num_steps=10", "--config.batch_size=8", *COMMON)
-  train, held = files(tmp_path, "prompt", n_train=32, n_eval=8)
+  online = (f"--config.model.path={tmp_path / 'sft'}", f"--config.data.train_files={train}",
+            f"--config.data.eval_files={held}", f"--config.reward.model_path={tmp_path / 'rm'}",
+            "--config.num_steps=2", "--config.batch_size=4", "--config.group_size=2", "--config.kl_coef=0.05",
+            "--config.max_len=64", "--config.max_prompt_len=48", "--config.eval_batch_size=8")
+  r = run("grpo.py", tmp_path / "grpo", "--config.lora.rank=4", f"--config.reward.fns={rewards}:digits", *online)
+  assert "reward/reward_model" in r["heldout_after"] and "reward/digits" in r["heldout_after"]
+  assert np.isfinite(r["headline"]["after"]) and "run" in r["model"]
   r = run("grpo.py", tmp_path / "ppo", "--config.algorithm=ppo", f"--config.critic.path={tmp_path / 'rm'}",
-          f"--config.data.train_files={train}", f"--config.data.eval_files={held}", "--config.reward.fns=()",
-          f"--config.reward.model_path={tmp_path / 'rm'}", "--config.num_steps=3", "--config.batch_size=4",
-          "--config.group_size=2", "--config.kl_coef=0.05", "--config.max_len=64", "--config.max_prompt_len=48",
-          "--config.eval_batch_size=8")
+          "--config.reward.fns=()", *online)
   assert r["algorithm"] == "ppo" and np.isfinite(r["headline"]["after"])
   metrics = [json.loads(l) for l in open(tmp_path / "ppo" / "metrics.jsonl")]
   assert any("value_loss" in m for m in metrics)
@@ -374,10 +392,10 @@ def test_sigint_saves_and_exits_130(tmp_path):
          "--config.batch_size=4", "--config.progress=false", *COMMON]
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
   deadline = time.time() + 240
-  while time.time() < deadline and not (wd / "metrics.jsonl").exists():
+  logged = lambda: (wd / "metrics.jsonl").exists() and (wd / "metrics.jsonl").read_text().count("\n") >= 2
+  while time.time() < deadline and not logged():  # training steps are running (and being logged)
     time.sleep(0.5)
-  assert (wd / "metrics.jsonl").exists(), proc.communicate(timeout=60)
-  time.sleep(2.0)
+  assert logged(), proc.communicate(timeout=60)
   proc.send_signal(signal.SIGINT)
   out, err = proc.communicate(timeout=240)
   assert proc.returncode == 130, err[-2000:]

@@ -468,13 +468,14 @@ def pf_ppo_weights(rewards_B: np.ndarray, group_ids_B: np.ndarray, *, method: st
 
 
 def make_remax_batch_fn(greedy_rollout_fn: Callable, reward_fn: Callable, *,
-                        policy_params_fn: Callable = lambda params: params):
+                        policy_params_fn: Callable = lambda params: params, state_params_fn: Callable | None = None):
   """ReMax (Li et al. 2023, arXiv:2310.10505) as a ``batch_fn`` for :func:`run_online`.
 
   Decodes each prompt greedily with the current policy, scores the greedy answers
   with the same ``reward_fn``, and sets ``advantages = r − r_greedy`` on the
   response tokens (``rlhf_jax.advantages.remax``). ``greedy_rollout_fn`` is a
-  :func:`make_rollout_fn` built with ``processor=None``.
+  :func:`make_rollout_fn` built with ``processor=None``. ``state_params_fn(state)`` replaces
+  ``policy_params_fn(state.params)`` as in :func:`run_online` (e.g. LoRA adapters with their base).
   """
   from rlhf_jax import advantages as adv_lib
 
@@ -484,7 +485,8 @@ def make_remax_batch_fn(greedy_rollout_fn: Callable, reward_fn: Callable, *,
     n = rollout.tokens_BxN.shape[1]
     p = rollout.input_ids_BxT.shape[1] - n + 1
     ids, mask = rollout.input_ids_BxT[:, :p], rollout.attention_mask_BxT[:, :p]
-    greedy = greedy_rollout_fn(policy_params_fn(state.params), ids, mask, jax.random.PRNGKey(0), rollout.group_ids_B)
+    params = state_params_fn(state) if state_params_fn is not None else policy_params_fn(state.params)
+    greedy = greedy_rollout_fn(params, ids, mask, jax.random.PRNGKey(0), rollout.group_ids_B)
     prompts = [row[m > 0] for row, m in zip(ids, mask)]
     baseline = np.asarray(reward_fn(prompts, greedy.tokens_BxN, greedy.response_mask_BxN.sum(-1)), np.float32)
     adv = remax(jnp.asarray(rewards_B, jnp.float32), jnp.asarray(batch["response_mask_BxN"]), None,

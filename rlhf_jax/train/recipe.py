@@ -488,7 +488,7 @@ def export(config, graphdef, state, tok, *, info) -> dict[str, str]:
   if config.export.adapter_dir:
     if not info["lora"]:
       raise ConfigError("config.export.adapter_dir needs LoRA (config.lora.rank > 0); use export.hf_dir")
-    hf.export_adapter(model, config.export.adapter_dir, base_model_name_or_path=str(config.model.path))
+    hf.export_adapter(model, config.export.adapter_dir, base_model_name_or_path=str(config.model.path), dtype=dtype)
     out["adapter_dir"] = config.export.adapter_dir
   if config.export.hf_dir:
     plain = lora_lib.merge_lora(model) if info["lora"] else model
@@ -592,3 +592,45 @@ def _restore_params(path: str, abstract_params):
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
     return ck.restore(path, args=args)["params"]
+
+
+# ----------------------------------------------------------------------------- demo data
+
+DEMO_SYSTEM = "Reply with the number only."
+
+
+def demo_rows(fmt: str, split: str, n: int, *, seed: int = 0) -> list[dict]:
+  """Raw rows of a generated task, "What is a + b?" (0 <= a, b < 50), in reader format ``fmt``.
+
+  Train and eval questions are disjoint (``split`` picks by a hash of ``(a, b)``). Formats:
+  ``sft`` (messages with the sum), ``preference`` (chosen: the sum; rejected: alternately a
+  sentence that breaks the "number only" instruction, and the sum off by 1 to 3), ``kto`` (the
+  sum, or one of those rejected answers, labelled), ``ultrafeedback`` (the sum, the sentence
+  and two wrong sums, scored), ``prompt`` (the question and an ``answer`` column for a reward
+  function).
+  """
+  rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+  grid = [(a, b) for a in range(50) for b in range(50) if ((a * 31 + b * 17) % 10 == 0) == (split != "train")]
+  rows = []
+  for i in range(n):
+    a, b = grid[int(rng.integers(len(grid)))]
+    s = a + b
+    wrong = [s + d for d in rng.permutation([-3, -2, -1, 1, 2, 3]) if s + d >= 0]
+    prompt = [{"role": "system", "content": DEMO_SYSTEM}, {"role": "user", "content": f"What is {a} + {b}?"}]
+    verbose = f"The sum of {a} and {b} is {s}."
+    bad = verbose if i % 2 else str(wrong[0])  # against the instruction, or wrong
+    if fmt == "sft":
+      rows.append({"messages": prompt + [{"role": "assistant", "content": str(s)}]})
+    elif fmt == "preference":
+      rows.append({"prompt": prompt, "chosen": str(s), "rejected": bad})
+    elif fmt == "kto":
+      good = bool(i % 2 == 0)
+      rows.append({"prompt": prompt, "completion": str(s) if good else bad, "label": good})
+    elif fmt == "ultrafeedback":
+      answers = [(str(s), 10.0), (verbose, 6.0)] + [(str(x), float(5 - abs(x - s))) for x in wrong[:2]]
+      rows.append({"prompt": prompt, "completions": [{"response": t, "score": sc} for t, sc in answers]})
+    elif fmt == "prompt":
+      rows.append({"prompt": prompt, "answer": str(s)})
+    else:
+      raise ValueError(f"demo_rows: no demo rows in format {fmt!r}")
+  return rows
