@@ -62,6 +62,7 @@ from flax import nnx
 from rlhf_jax import data, parallel
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.data import tokenize
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.models import lora
 from rlhf_jax.models.pretrained import fetch_smollm2, from_pretrained
 from rlhf_jax.train import evaluation, loop, optim, preference, step as step_lib, writers
@@ -90,7 +91,7 @@ def get_config(arg=None):
   if arg == "runlocal":
     c.dpo.num_steps, c.data.num_heldout = 16, 32
   elif arg not in (None, ""):
-    raise ValueError(f"unknown experiment argument {arg!r}; valid: 'runlocal'")
+    raise ConfigError(f"unknown experiment argument {arg!r}; valid: 'runlocal'")
   return c
 
 

@@ -37,6 +37,7 @@ from flax import nnx
 from rlhf_jax import data, models, parallel, sampling
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.data import preference as pref_data
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.train import loop, optim, preference, sft, state as state_lib, step as step_lib, writers
 
 
@@ -60,7 +61,7 @@ def get_config(arg=None):
   if arg == "runlocal":
     c.sft.num_steps, c.dpo.num_steps, c.eval.num_prompts = 300, 60, 128
   elif arg not in (None, ""):
-    raise ValueError(f"unknown experiment argument {arg!r}; valid: 'runlocal'")
+    raise ConfigError(f"unknown experiment argument {arg!r}; valid: 'runlocal'")
   return c
 
 

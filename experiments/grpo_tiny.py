@@ -28,6 +28,7 @@ from flax import nnx
 
 from rlhf_jax import advantages, data, models, parallel, sampling
 from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.train import loop, online, optim, sft, state as state_lib, step as step_lib, writers
 
 
@@ -50,7 +51,7 @@ def get_config(arg=None):
   if arg == "runlocal":
     c.rl.num_iterations, c.eval.every = 10, 5
   elif arg not in (None, ""):
-    raise ValueError(f"unknown experiment argument {arg!r}; valid: 'runlocal'")
+    raise ConfigError(f"unknown experiment argument {arg!r}; valid: 'runlocal'")
   return c
 
 

@@ -33,6 +33,7 @@ from flax import nnx
 from rlhf_jax import data, models, parallel, sampling
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.data import preference as pref_data
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.rewards import shaping
 from rlhf_jax.train import loop, online, optim, ppo, reward, sft, state as state_lib, step as step_lib, writers
 
@@ -57,7 +58,7 @@ def get_config(arg=None):
   if arg == "runlocal":
     c.rm.num_steps, c.sft.num_steps, c.ppo.num_iterations = 100, 200, 5
   elif arg not in (None, ""):
-    raise ValueError(f"unknown experiment argument {arg!r}; valid: 'runlocal'")
+    raise ConfigError(f"unknown experiment argument {arg!r}; valid: 'runlocal'")
   return c
 
 

@@ -27,6 +27,7 @@ from flax import nnx
 from rlhf_jax import data, models, parallel
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.data import preference as pref_data
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.rewards import ensembles, metrics
 from rlhf_jax.train import loop, optim, reward, state as state_lib, step as step_lib, writers
 
@@ -48,7 +49,7 @@ def get_config(arg=None):
   if arg == "runlocal":
     c.num_steps = 150
   elif arg not in (None, ""):
-    raise ValueError(f"unknown experiment argument {arg!r}; valid: 'runlocal'")
+    raise ConfigError(f"unknown experiment argument {arg!r}; valid: 'runlocal'")
   return c
 
 

@@ -17,6 +17,7 @@ measured 0.0 -> 0.89).
 
 import ml_collections
 
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.train import sft
 
 
@@ -46,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.every = 30
     c.checkpoint.every = 30
   elif arg not in (None, ""):
-    raise ValueError(f"unknown experiment argument {arg!r}; valid: 'runlocal'")
+    raise ConfigError(f"unknown experiment argument {arg!r}; valid: 'runlocal'")
   return c
 
 
