@@ -33,7 +33,7 @@ import functools
 import ml_collections
 
 import rlhf_jax.losses as losses_lib
-from rlhf_jax.train import evaluation, preference, recipe, step as step_lib
+from rlhf_jax.train import evaluation, preference, recipe
 
 KIND_STEPS = {"pair": "pairwise", "unpaired": "unpaired", "ranked": "listwise"}
 DEFAULT_LOSS = {"pair": "sigmoid", "unpaired": "kto", "ranked": "lipo_lambda"}
@@ -121,14 +121,9 @@ def main(config, workdir):
   else:
     loss_fn = preference.make_listwise_loss(specs[0][0], beta=beta, hparams=specs[0][2], ref_graphdef=ref_graphdef,
                                             reference_free=bool(config.reference_free))
-  if info["lora"]:
-    from rlhf_jax.models import lora
-
-    loss_fn = lora.lora_loss(loss_fn, base_as_reference=not config.reference_free)
-  extras_from_metrics = preference.bco_delta_update if bco else None
-  step = step_lib.make_train_step(loss_fn, tx, graphdef, num_microbatches=config.num_microbatches, mesh=mesh,
-                                  state_shardings=shardings, learning_rate_fn=schedule,
-                                  extras_from_metrics=extras_from_metrics)
+  step = recipe.make_step(loss_fn, tx, graphdef, config, mesh, shardings, schedule, info,
+                          base_as_reference=not config.reference_free,
+                          extras_from_metrics=preference.bco_delta_update if bco else None)
 
   from rlhf_jax.data import tokenize
 
@@ -136,7 +131,7 @@ def main(config, workdir):
   eval_kw = {**kw, "stats": tokenize.new_token_stats()}
   put = recipe.put_fn(mesh)
   if kind == "pair":
-    collate, eval_collate = tokenize.make_collate("pair", tok, **kw), tokenize.make_collate("pair", tok, **eval_kw)
+    collate, eval_collate = recipe.collates("pair", config, tok, data)
     make_eval = functools.partial(evaluation.make_pair_eval, beta=beta)
     plot = ("loss", "rewards/accuracies", "rewards/margins", "eval/logp_accuracy", "eval/reward_accuracy")
   elif kind == "unpaired":
@@ -151,8 +146,7 @@ def main(config, workdir):
     n = int(config.data.num_completions)
     if n < 2:
       raise recipe.ConfigError(f"config.data.num_completions={n} must be at least 2")
-    collate = tokenize.make_collate("ranked", tok, num_completions=n, **kw)
-    eval_collate = tokenize.make_collate("ranked", tok, num_completions=n, **eval_kw)
+    collate, eval_collate = recipe.collates("ranked", config, tok, data, num_completions=n)
     make_eval = evaluation.make_ranked_eval
     plot = ("loss", "top1_accuracy", "eval/logp_top1_accuracy", "eval/reward_top1_accuracy")
   eval_fn = make_eval(graphdef, recipe.fixed_batches(data.eval, config.eval_batch_size, eval_collate), put,
@@ -163,7 +157,7 @@ def main(config, workdir):
                             num_steps=steps, put_batch=put, eval_fn=eval_fn, data=data, plot_keys=plot)
   if res.preempted:
     return res
-  after = eval_fn(res.state) if not res.eval_metrics else {k[5:]: v for k, v in res.eval_metrics.items()}
+  after = recipe.final_eval(res, eval_fn)
   paths = recipe.export(config, graphdef, res.state, tok, info=info)
   res.result = recipe.finish(workdir, metric=HEADLINE[kind], before=before, after=after, res=res, paths=paths,
                              extra={"model": info["source"], "data_format": data.format, "data_kind": kind,

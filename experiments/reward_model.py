@@ -24,7 +24,7 @@ import inspect
 import ml_collections
 
 import rlhf_jax.losses as losses_lib
-from rlhf_jax.train import evaluation, recipe, reward, step as step_lib
+from rlhf_jax.train import evaluation, recipe, reward
 
 CONFIG_HELP = {
     **recipe.SHARED_HELP,
@@ -86,17 +86,8 @@ def main(config, workdir):
   graphdef, state, shardings = recipe.create_state(model, tx, config, mesh, info, train_head=True)
   del model
   loss_fn = reward.make_reward_loss(config.loss, hparams=dict(config.loss_kwargs))
-  if info["lora"]:
-    from rlhf_jax.models import lora
-
-    loss_fn = lora.lora_loss(loss_fn)
-  step = step_lib.make_train_step(loss_fn, tx, graphdef, num_microbatches=config.num_microbatches, mesh=mesh,
-                                  state_shardings=shardings, learning_rate_fn=schedule)
-  from rlhf_jax.data import tokenize
-
-  kw = recipe.tokenize_kwargs(config, tok, data.token_stats)
-  collate = tokenize.make_collate("pair", tok, **kw)
-  eval_collate = tokenize.make_collate("pair", tok, **{**kw, "stats": tokenize.new_token_stats()})
+  step = recipe.make_step(loss_fn, tx, graphdef, config, mesh, shardings, schedule, info)
+  collate, eval_collate = recipe.collates("pair", config, tok, data)
   put = recipe.put_fn(mesh)
   eval_fn = evaluation.make_reward_eval(graphdef, recipe.fixed_batches(data.eval, config.eval_batch_size,
                                                                        eval_collate), put)
@@ -107,7 +98,7 @@ def main(config, workdir):
                             plot_keys=("loss", "accuracy", "margin", "eval/accuracy", "grad_norm"))
   if res.preempted:
     return res
-  after = eval_fn(res.state) if not res.eval_metrics else {k[5:]: v for k, v in res.eval_metrics.items()}
+  after = recipe.final_eval(res, eval_fn)
   res.result = recipe.finish(workdir, metric="accuracy", before=before, after=after, res=res,
                              extra={"model": info["source"], "data_format": data.format, "loss": config.loss,
                                     "num_heads": int(config.num_heads), "num_train_examples": len(data.train),

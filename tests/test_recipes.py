@@ -123,7 +123,7 @@ def test_demo_files_and_their_reward(tmp_path):
   spec = importlib.util.spec_from_file_location("my_rewards", paths["my_rewards"])
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  assert mod.correct(["12", " 5 "], ["a", "b"], answer=["12", "6"]) == [1.0, 0.0]
+  assert mod.correct(["12", "so 2 + 3 = 5", " 5 "], ["a", "b", "c"], answer=["12", "5", "6"]) == [1.0, 1.0, 0.0]
   assert mod.number_only(["12", "x 5"]) == [0.5, 0.0]
   from rlhf_jax import data as data_lib
 

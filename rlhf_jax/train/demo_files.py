@@ -12,7 +12,7 @@ file                rows                                            recipe
 ``kto.jsonl``       ``{"prompt", "completion", "label"}``             dpo (unpaired: kto)
 ``ranked.jsonl``    ``{"prompt", "completions": [{response, score}]}``  dpo (listwise), reward_model
 ``prompts.jsonl``   ``{"prompt", "answer"}``                          grpo
-``my_rewards.py``   ``correct(completions, prompts, answer, **kw)``   grpo (``reward.fns``)
+``my_rewards.py``   ``correct``, ``number_only`` (TRL signature)          grpo (``reward.fns``)
 ==================  ==============================================  ======================
 
 Each comes with a held-out ``eval_<name>.jsonl`` on disjoint questions.
@@ -32,10 +32,12 @@ REWARDS = '''"""Example reward functions for experiments/grpo.py (TRL's reward_f
 
 import re
 
+from rlhf_jax.rewards import math_reward
+
 
 def correct(completions, prompts, answer, **kwargs):
-    """1.0 when the completion is exactly the expected number (the prompt file's `answer` column)."""
-    return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]
+    """1.0 when the completion's final number is the prompt file's `answer` column."""
+    return [math_reward(c, a) for c, a in zip(completions, answer)]
 
 
 def number_only(completions, **kwargs):

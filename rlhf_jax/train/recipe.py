@@ -29,10 +29,8 @@ that does not fit the data) raises :class:`rlhf_jax.errors.UserError` naming the
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
-import math
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -535,8 +533,6 @@ def load_run(workdir: str, *, merge: bool = True, step: int | None = None, mesh=
   Raises:
     UserError: ``workdir`` is not a recipe run or has no checkpoint.
   """
-  import orbax.checkpoint as ocp
-
   from rlhf_jax.models import lora as lora_lib
 
   cfg_path = os.path.join(workdir, RUN_CONFIG)
@@ -600,7 +596,7 @@ DEMO_SYSTEM = "Reply with the number only."
 
 
 def demo_rows(fmt: str, split: str, n: int, *, seed: int = 0) -> list[dict]:
-  """Raw rows of a generated task, "What is a + b?" (0 <= a, b < 50), in reader format ``fmt``.
+  """Raw rows of a generated task, "What is a + b?" (0 <= a, b < 20), in reader format ``fmt``.
 
   Train and eval questions are disjoint (``split`` picks by a hash of ``(a, b)``). Formats:
   ``sft`` (messages with the sum), ``preference`` (chosen: the sum; rejected: alternately a
@@ -610,7 +606,7 @@ def demo_rows(fmt: str, split: str, n: int, *, seed: int = 0) -> list[dict]:
   function).
   """
   rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-  grid = [(a, b) for a in range(50) for b in range(50) if ((a * 31 + b * 17) % 10 == 0) == (split != "train")]
+  grid = [(a, b) for a in range(20) for b in range(20) if ((a * 31 + b * 17) % 10 == 0) == (split != "train")]
   rows = []
   for i in range(n):
     a, b = grid[int(rng.integers(len(grid)))]
@@ -634,3 +630,38 @@ def demo_rows(fmt: str, split: str, n: int, *, seed: int = 0) -> list[dict]:
     else:
       raise ValueError(f"demo_rows: no demo rows in format {fmt!r}")
   return rows
+
+
+# ----------------------------------------------------------------------------- steps and collates
+
+
+def make_step(loss_fn, tx, graphdef, config, mesh, shardings, schedule, info, *, base_as_reference: bool = False,
+              extras_from_metrics=None):
+  """The jitted train step of ``loss_fn`` (wrapped by ``lora.lora_loss`` under LoRA: adapter dropout, and
+  with ``base_as_reference`` the frozen base as ``extras["ref_params"]``)."""
+  from rlhf_jax.models import lora as lora_lib
+  from rlhf_jax.train import step as step_lib
+
+  if info["lora"]:
+    loss_fn = lora_lib.lora_loss(loss_fn, base_as_reference=base_as_reference)
+  return step_lib.make_train_step(loss_fn, tx, graphdef, num_microbatches=int(config.num_microbatches), mesh=mesh,
+                                  state_shardings=shardings, learning_rate_fn=schedule,
+                                  extras_from_metrics=extras_from_metrics)
+
+
+def collates(kind: str, config, tok, data: Data, **kwargs):
+  """``(train_collate, eval_collate)`` of ``rlhf_jax.data.tokenize.make_collate(kind, ...)``; the
+  training one counts truncations in ``data.token_stats``, the held-out one separately."""
+  from rlhf_jax.data import tokenize
+
+  kw = {**tokenize_kwargs(config, tok, data.token_stats), **kwargs}
+  return (tokenize.make_collate(kind, tok, **kw),
+          tokenize.make_collate(kind, tok, **{**kw, "stats": tokenize.new_token_stats()}, what="data.eval_files"))
+
+
+def final_eval(res, eval_fn) -> dict:
+  """The held-out metrics of the trained state: the loop's last evaluation, or a fresh one (a run
+  resumed at its end)."""
+  if res.eval_metrics:
+    return {k[len("eval/"):]: v for k, v in res.eval_metrics.items() if k.startswith("eval/")}
+  return eval_fn(res.state)
