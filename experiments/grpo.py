@@ -56,7 +56,8 @@ CONFIG_HELP = {
     "temperature": "sampling temperature",
     "top_p": "nucleus sampling mass (1 = off)",
     "top_k": "top-k sampling (0 = off)",
-    "adv_estimator": "advantage estimator (verl's names): " + ", ".join(adv_lib.names()),
+    "adv_estimator": "advantage estimator of algorithm=grpo (verl's names; ppo always uses gae): " + ", ".join(
+        n for n in adv_lib.names() if n != "gae"),
     "loss_mode": "policy loss (verl's loss_mode): " + ", ".join(
         n for n in losses_lib.names() if losses_lib.info(n).kind == "policy"),
     "loss_agg_mode": "token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm",
@@ -127,6 +128,11 @@ def get_config(arg=None):
 def _check(config):
   recipe.check_choice("algorithm", config.algorithm, ("grpo", "ppo"))
   recipe.check_choice("adv_estimator", config.adv_estimator, adv_lib.names())
+  if config.algorithm == "grpo" and config.adv_estimator == "gae":
+    raise recipe.ConfigError("config.adv_estimator=gae needs a critic: set config.algorithm=ppo")
+  if config.algorithm == "ppo" and config.adv_estimator not in ("gae", "grpo"):
+    raise recipe.ConfigError(f"config.algorithm=ppo computes advantages with GAE; config.adv_estimator="
+                             f"{config.adv_estimator!r} is for algorithm=grpo (leave it, or set gae)")
   recipe.check_choice("loss_mode", config.loss_mode,
                       [n for n in losses_lib.names() if losses_lib.info(n).kind == "policy"])
   recipe.check_choice("old_logps", config.old_logps, ("sampler", "recompute"))
@@ -147,6 +153,16 @@ def _check(config):
                              "with config.dynamic_sampling_max_tries > 0")
   if not config.reward.fns and not config.reward.model_path:
     raise recipe.ConfigError("config.reward.fns and config.reward.model_path are both empty: nothing scores completions")
+
+
+def policy_hparams(config) -> dict:
+  """``clip_ratio_low`` / ``clip_ratio_high`` for the policy losses that take them (``gpg``, ``reinforce``,
+  ``sapo``, ... have no clip range)."""
+  import inspect
+
+  params = inspect.signature(losses_lib.get(config.loss_mode)).parameters
+  hp = {"clip_ratio_low": float(config.clip_ratio_low), "clip_ratio_high": float(config.clip_ratio_high)}
+  return {k: v for k, v in hp.items() if k in params}
 
 
 def _processor(config):
@@ -242,9 +258,7 @@ def main(config, workdir):
   del model
 
   policy_kw = dict(policy_loss=config.loss_mode, aggregation=config.loss_agg_mode,
-                   policy_hparams=dict(clip_ratio_low=float(config.clip_ratio_low),
-                                       clip_ratio_high=float(config.clip_ratio_high)),
-                   entropy_coef=float(config.entropy_coef))
+                   policy_hparams=policy_hparams(config), entropy_coef=float(config.entropy_coef))
   if ppo_mode:
     loss_fn = ppo.make_ppo_loss(num_response_tokens=max_new, vf_coef=float(config.critic.vf_coef),
                                 value_clip=float(config.critic.value_clip) or None, **policy_kw)

@@ -291,6 +291,11 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     run(exp, tmp_path / "e", f"--config.data.train_files={train}", override, expect=2)
     err = capsys.readouterr().err
     assert key in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+  for override, key in (("--config.adv_estimator=gae", "config.adv_estimator=gae"),
+                        ("--config.loss_mode=nope", "config.loss_mode='nope'")):
+    run("grpo.py", tmp_path / "e3", override, expect=2)
+    err = capsys.readouterr().err
+    assert key in err and "Traceback" not in err, err
   # Too many malformed rows: stops before the model is loaded, naming the reasons and a row.
   bad = write_jsonl(tmp_path / "mostly_bad.jsonl", rows_for("conversational", 4), ['{"oops'] * 4)
   run("dpo.py", tmp_path / "e2", f"--config.data.train_files={bad}", expect=2)
@@ -306,6 +311,22 @@ def test_help_documents_every_key(experiment, capsys):
   assert run_lib.main([os.path.join(EXP, experiment), "--help"]) == 0
   out = capsys.readouterr().out
   assert "model.path" in out and "data.train_files" in out and "lora.rank" in out
+
+
+def test_grpo_every_loss_mode_gets_only_its_hyper_parameters():
+  import inspect
+
+  import rlhf_jax.losses as L
+
+  module, _ = run_lib.load_experiment(os.path.join(EXP, "grpo.py"))
+  config = module.get_config()
+  modes = [n for n in L.names() if L.info(n).kind == "policy"]
+  assert {"vanilla", "gspo", "cispo", "gpg", "reinforce"} <= set(modes)
+  for mode in modes:
+    config.loss_mode = mode
+    hp = module.policy_hparams(config)
+    assert set(hp) <= set(inspect.signature(L.get(mode)).parameters), mode
+    assert ("clip_ratio_low" in hp) == ("clip_ratio_low" in inspect.signature(L.get(mode)).parameters)
 
 
 def _tiny_hf_llama(path, vocab_size):
