@@ -217,13 +217,9 @@ def test_reward_model_recipe_two_heads(tmp_path):
 
 def test_reward_model_recipe_hf_llama_lora_ultrafeedback(tmp_path):
   """LoRA reward model on a Hugging Face Llama (adapters and the new head train), UltraFeedback rows."""
-  from rlhf_jax.models.tokenizer import Tokenizer
   from rlhf_jax.train import recipe
 
-  tok = Tokenizer.byte_level()
-  base = tmp_path / "base"
-  _tiny_hf_llama(base, tok.vocab_size)
-  tok.save(str(base))
+  tok, base = _hf_llama_dir(tmp_path / "base")
   train, held = files(tmp_path, "ultrafeedback")
   wd = tmp_path / "rm"
   r = run("reward_model.py", wd, f"--config.model.path={base}", "--config.lora.rank=8",
@@ -340,18 +336,24 @@ def _tiny_hf_llama(path, vocab_size):
   transformers.LlamaForCausalLM(cfg).save_pretrained(str(path), safe_serialization=True)
 
 
+def _hf_llama_dir(path):
+  """A tiny random Llama saved by transformers, with the byte-level tokenizer's files beside it."""
+  from rlhf_jax.models.tokenizer import Tokenizer
+
+  tok = Tokenizer.byte_level()
+  _tiny_hf_llama(path, tok.vocab_size)
+  tok.save(str(path))
+  return tok, path
+
+
 def test_hf_llama_lora_dpo_exports_adapter_and_merged(tmp_path):
   """A Hugging Face Llama saved by transformers, LoRA DPO, PEFT adapter + merged export load in transformers."""
   import torch
   import transformers
 
-  from rlhf_jax.models.tokenizer import Tokenizer
   from rlhf_jax.train import recipe
 
-  tok = Tokenizer.byte_level()
-  base = tmp_path / "base"
-  _tiny_hf_llama(base, tok.vocab_size)
-  tok.save(str(base))
+  tok, base = _hf_llama_dir(tmp_path / "base")
   train, held = files(tmp_path, "conversational")
   wd = tmp_path / "dpo"
   r = run("dpo.py", wd, f"--config.model.path={base}", "--config.lora.rank=8", "--config.lora.alpha=16",
