@@ -383,18 +383,12 @@ def main(config, workdir):
   paths = recipe.export(config, graphdef if not ppo_mode else policy_graphdef,
                         res.state if not ppo_mode else res.state._replace(params=res.state.params["policy"]),
                         tok, info=info)
-  loop_like = _LoopLike(res, iters)
-  loop_like.result = recipe.finish(
-      workdir, metric="reward_mean", before=before, after=after, res=loop_like, paths=paths,
+  from rlhf_jax.train import loop
+
+  out = loop.LoopResult(res.state, res.last_metrics, after, res.preempted, res.start, res.end, res.signum)
+  out.result = recipe.finish(
+      workdir, metric="reward_mean", before=before, after=after, res=out, paths=paths,
       extra={"model": info["source"], "data_format": data.format, "algorithm": config.algorithm,
              "num_train_prompts": len(data.train), "num_eval_prompts": len(data.eval),
              "reward_failures": dict(failures), "token_stats": dict(data.token_stats)})
-  return loop_like
-
-
-class _LoopLike:
-  """The fields of :class:`rlhf_jax.train.loop.LoopResult` for an online run."""
-
-  def __init__(self, res, iters):
-    self.state, self.last_metrics, self.preempted, self.signum = res.state, res.last_metrics, res.preempted, res.signum
-    self.start_step, self.end_step, self.eval_metrics = res.start, res.end, {}
+  return out
