@@ -59,7 +59,7 @@ def get_config(arg=None):
   c.eval = ml_collections.ConfigDict(dict(num_prompts=512, temperature=1.0, seed=12345, every=5))
   c.checkpoint_every = 50
   if arg == "runlocal":
-    c.sft.num_steps, c.online.num_iterations, c.eval.num_prompts = 300, 6, 128
+    c.sft.num_steps, c.online.num_iterations, c.eval.num_prompts = 600, 8, 256
   elif arg not in (None, ""):
     raise ConfigError(f"unknown experiment argument {arg!r}; valid: 'runlocal'")
   return c
@@ -169,6 +169,7 @@ def _preset(config) -> op.OnlineConfig:
 
 
 def main(config, workdir):
+  """SFT (stage 1, resumable), then the online loop of ``config.algorithm`` (stage 2); writes ``result.json``."""
   mesh = parallel.make_mesh(dict(config.mesh))
   d, o = config.data, config.online
   cfg = _preset(config)
@@ -211,6 +212,12 @@ def main(config, workdir):
 
     extras, ref_graphdef = {"ref_params": jax.tree.map(lambda x: x.copy(), ref_params)}, graphdef
     extras_update = preference.tr_dpo_sync(mode="soft", alpha=o.tr_dpo_alpha, every=o.tr_dpo_every)
+  begin = None
+  if config.algorithm == "egpo":
+    if o.num_iterations % 2:
+      raise ConfigError(f"config.online.num_iterations={o.num_iterations}: EGPO's extragradient iterations come in "
+                        "pairs (extrapolation, update); give an even number")
+    extras, begin = op.extragradient_extras(ref_params), op.extragradient_begin
   policy = nnx.merge(graphdef, jax.tree.map(lambda x: x.copy(), ref_params))
   graphdef, state, shardings = state_lib.create_train_state(policy, tx, mesh=mesh, seed=config.seed, extras=extras)
   specs = [(name, w, dict(o.hparams)) for name, w in zip(o.losses, o.loss_weights)]
@@ -227,10 +234,22 @@ def main(config, workdir):
   win_rate = op.make_win_rate_eval(eval_sampler, gold_judge("reward"), [data.make_prompt(p) for p in eval_prompts],
                                    opponent_params=ref_params, seed=config.eval.seed, prompt_length=d.max_len + 2)
 
+  # SPIN's quantity: how much likelier the gold answer is than the SFT model's own samples, under the policy.
+  logps_fn = op.make_sequence_logps_fn(graphdef)
+  eval_inputs = [data.make_prompt(p) for p in eval_prompts]
+  own = eval_sampler(ref_params, eval_inputs, 1, jax.random.PRNGKey(config.eval.seed + 1))
+  golds = [np.concatenate([pref_data.ascending(p), [data.EOS_ID]]).astype(np.int32) for p in eval_prompts]
+  differ = [i for i in range(len(golds)) if own.completion(i, 0).tolist() != golds[i].tolist()]
+  gold_rows = op.completion_rows([eval_inputs[i] for i in differ], [golds[i] for i in differ], seq_len=d.seq_len)
+  own_rows = op.completion_rows([eval_inputs[i] for i in differ], [own.completion(i, 0) for i in differ],
+                                seq_len=d.seq_len)
+
   def eval_fn(st):
     out = win_rate(st)
     out.update({f"{k}_rate": v for k, v in sample_orders(eval_sampler, st.params, eval_prompts,
                                                          seed=config.eval.seed).items()})
+    gold_lp, own_lp = logps_fn(st.params, gold_rows)[0], logps_fn(st.params, own_rows)[0]
+    out.update(gold_logp=float(gold_lp.mean()), gold_margin=float((gold_lp - own_lp).mean()))
     return out
 
   ck = Checkpointer(os.path.join(workdir, "online", "checkpoints"), max_to_keep=2)
@@ -239,12 +258,15 @@ def main(config, workdir):
         state=state, step_fn=step, make_data=make_data, num_iterations=o.num_iterations, batch_size=o.batch_size,
         epochs=o.epochs, seed=config.seed, workdir=os.path.join(workdir, "online"), put_batch=put,
         checkpointer=ck, state_shardings=shardings, checkpoint_every=config.checkpoint_every, eval_fn=eval_fn,
+        begin_iteration=begin,
         eval_every=config.eval.every, progress=config.progress, run_config=config,
         plot_keys=("loss", "iteration/score_mean", "eval/win_rate", "eval/ascending_rate"), desc=config.algorithm)
   finally:
     ck.close()
   if result.preempted:
     return result
+  if begin is not None:  # the last update step onto its anchor (EGPO)
+    result.state = begin(result.state, o.num_iterations)
 
   ref_orders = sample_orders(eval_sampler, ref_params, eval_prompts, seed=config.eval.seed)
   pol_orders = sample_orders(eval_sampler, result.state.params, eval_prompts, seed=config.eval.seed)
@@ -256,6 +278,8 @@ def main(config, workdir):
       "objective": objective,
       "source": cfg.source,
       "win_rate_vs_sft": result.eval_metrics.get("eval/win_rate"),
+      "gold_margin_sft": float((logps_fn(ref_params, gold_rows)[0] - logps_fn(ref_params, own_rows)[0]).mean()),
+      "gold_margin_per_eval": [r["eval/gold_margin"] for r in rows if "eval/gold_margin" in r],
       "reference_samples": ref_orders,
       "policy_samples": pol_orders,
       "pairs_total": float(sum(r["iteration/pairs"] for r in it_rows)),
@@ -264,7 +288,7 @@ def main(config, workdir):
       "logp_margin_per_iteration": [r.get("iteration/logp_margin") for r in it_rows],
       "final_metrics": result.last_metrics,
   }
-  writers.write_result(workdir, result_json, not_printed=("final_metrics", "score_mean_per_iteration",
+  writers.write_result(workdir, result_json, not_printed=("final_metrics", "score_mean_per_iteration", "gold_margin_per_eval",
                                                           "logp_margin_per_iteration"),
                        train_metrics=result.last_metrics, eval_metrics=result.eval_metrics)
   result.eval_metrics = {k: v for k, v in result_json.items() if k != "final_metrics"}

@@ -18,6 +18,7 @@ KIND_TITLES = {
     "unpaired": "Unpaired preference losses",
     "listwise": "Listwise losses",
     "offline": "Offline objectives beyond pairs",
+    "online": "Online and Nash preference objectives",
     "modifier": "Modifiers and transforms",
     "reward": "Reward-model losses",
     "policy": "Policy (online RL) losses",

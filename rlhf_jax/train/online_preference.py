@@ -12,8 +12,9 @@ One iteration of :func:`make_preference_data` (the ``make_data`` of
    each sample's win rate against the others, DNO's ``r_t``; or the policy's own
    implicit reward ``β·log π_θ/π_ref``, self-rewarding);
 3. **pair** them (:data:`PAIRINGS`): best vs worst, all ordered pairs, RSO's
-   rejection-sampled pairs, the gold response against the policy's sample (SPIN),
-   or the policy's sample against the opponent's;
+   rejection-sampled pairs, the first two samples whatever their scores (online
+   IPO, EGPO: the judge's ``P(y ≻ y')`` is the target), the gold response against
+   the policy's sample (SPIN), or the policy's sample against the opponent's;
 4. precompute the log-probs the objective holds fixed: the reference's (a fixed
    model, or the policy that sampled the iteration, π_t, under the ``iteration``
    schedule of iterative DPO, SPIN, DNO) and π_t's for INPO.
@@ -45,7 +46,7 @@ from rlhf_jax.train.iterative import IterationData
 
 SOURCES = ("policy", "reference", "mixture")
 OPPONENTS = ("none", "reference", "mixture")
-PAIRINGS = ("best_vs_worst", "all_pairs", "rso", "gold", "opponent")
+PAIRINGS = ("best_vs_worst", "all_pairs", "sample_pair", "rso", "gold", "opponent")
 REFERENCES = ("fixed", "iteration", "tr_dpo")
 GOLD = ("none", "chosen", "candidate")
 
@@ -347,6 +348,9 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
                     with_ref_tokens=True),
     # Liu et al. 2024, RSO: SFT samples rejection-sampled towards π_r ∝ π_sft·exp(r/β), paired by reward.
     "rso": dict(num_samples=8, source="reference", pairing="rso", reference="fixed"),
+    # Zhou et al. 2025, Extragradient Preference Optimization: online IPO towards P(y ≻ y') − ½ on pairs of policy
+    # samples, with extragradient iterations (objective="online_ipo", begin_iteration=extragradient_begin).
+    "egpo": dict(num_samples=2, pairing="sample_pair", reference="fixed", with_preference=True),
     # Yuan et al. 2024, Self-Rewarding Language Models (with the DPO implicit reward as the judge, as in
     # Chen et al. 2024's DICE): best vs worst under β·log π_θ/π_ref.
     "self_rewarding": dict(num_samples=4, pairing="best_vs_worst", reference="iteration", implicit_beta=0.1),
@@ -354,7 +358,8 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
 
 # The objective each algorithm trains with (``make_online_loss``); "dpo" is any pairwise loss.
 OBJECTIVES = {"online_dpo": "dpo", "iterative_dpo": "dpo", "spin": "dpo", "dno": "dpo", "inpo": "inpo",
-              "xpo": "xpo", "nash_md": "nash_md", "rso": "dpo", "self_rewarding": "dpo"}
+              "xpo": "xpo", "nash_md": "nash_md", "rso": "dpo", "self_rewarding": "dpo",
+              "egpo": "online_ipo"}
 
 
 def online_config(algorithm: str, **overrides) -> OnlineConfig:
@@ -436,6 +441,8 @@ def make_preference_data(
       pairs = best_vs_worst(scores, min_margin=cfg.min_margin)
     elif cfg.pairing == "all_pairs":
       pairs = all_pairs(scores, min_margin=cfg.min_margin)
+    elif cfg.pairing == "sample_pair":
+      pairs = [(i, 0, 1) for i in range(b)]
     elif cfg.pairing == "rso":
       pairs = rso_pairs(scores, k_rso, beta=cfg.rso_beta, num_samples=min(cfg.rso_num_samples, scores.shape[1]))
     elif cfg.pairing == "gold":
@@ -503,6 +510,9 @@ def _online_objective(name: str):
 
 
 ONLINE_OBJECTIVES = ("dpo", "xpo", "nash_md", "inpo", "dno", "online_ipo")
+# Hyper-parameters of the online objectives derived from the step's ``beta`` when not given.
+OBJECTIVE_DEFAULTS = {"inpo": {"eta": lambda b: b, "tau": lambda b: b / 3}, "dno": {"eta": lambda b: b},
+                      "online_ipo": {"tau": lambda b: b}}
 
 
 def make_online_loss(objective: str = "dpo", *, beta: float = 0.1,
@@ -515,7 +525,9 @@ def make_online_loss(objective: str = "dpo", *, beta: float = 0.1,
   log-probs, or ``extras["ref_params"]`` with ``ref_graphdef`` under TR-DPO).
   Otherwise one of :mod:`rlhf_jax.losses.online`: ``xpo`` (``alpha``, ``loss_type``),
   ``nash_md``, ``inpo`` (``eta``, ``tau``), ``dno`` (``eta``), ``online_ipo`` (``tau``),
-  with ``hparams`` passed to it.
+  with ``hparams`` passed to it. Unset, their KL weights follow ``beta`` (:data:`OBJECTIVE_DEFAULTS`):
+  INPO's ``eta`` (the weight of KL(π‖π_t), the paper's inverse step size) is ``beta`` and ``tau``
+  ``beta / 3`` (the paper's ratio), DNO's ``eta`` and online IPO's ``tau`` are ``beta``.
   """
   if objective not in ONLINE_OBJECTIVES:
     raise ValueError(f"objective={objective!r}; valid choices: {ONLINE_OBJECTIVES}")
@@ -524,6 +536,7 @@ def make_online_loss(objective: str = "dpo", *, beta: float = 0.1,
     return pref_lib.make_preference_loss(losses, beta=beta, ref_graphdef=ref_graphdef,
                                          logprob_chunk_size=logprob_chunk_size)
   fn = _online_objective(objective)
+  hparams = {**{k: f(beta) for k, f in OBJECTIVE_DEFAULTS.get(objective, {}).items()}, **hparams}
   sides = {"xpo": ("chosen", "rejected", "explore"), "nash_md": ("chosen",)}.get(objective, ("chosen", "rejected"))
 
   def loss_fn(model, batch, rng):
@@ -559,6 +572,40 @@ def make_online_loss(objective: str = "dpo", *, beta: float = 0.1,
     return loss, aux
 
   return loss_fn
+
+
+# ----------------------------------------------------------------------------- extragradient (EGPO)
+
+
+def extragradient_extras(params) -> dict:
+  """The state extras :func:`extragradient_begin` needs: the anchor θ_t and the extrapolated θ_{t+½}."""
+  copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+  return {"eg_anchor": copy(params), "eg_half": copy(params)}
+
+
+def extragradient_begin(state, iteration: int):
+  """EGPO's extragradient as a ``begin_iteration`` of :func:`rlhf_jax.train.iterative.run_iterations`.
+
+  Zhou et al. 2025, "Extragradient Preference Optimization (EGPO): Beyond Last-Iterate
+  Convergence for Nash Learning from Human Feedback": ``θ_{t+½} = θ_t − η·∇L(θ_t)``, then
+  ``θ_{t+1} = θ_t − η·∇L(θ_{t+½})``, each loss on pairs sampled from the policy being
+  differentiated. Loop iteration ``2t`` samples at θ_t and steps to θ_{t+½} (the
+  extrapolation); iteration ``2t+1`` samples at θ_{t+½} and steps from it; the next even
+  iteration moves that step back onto the anchor: ``θ_{t+1} = θ_t + (θ' − θ_{t+½})``.
+  With SGD this is the extragradient method exactly; with Adam, its extra-Adam form
+  (Gidel et al. 2019), the optimizer moments updated by both half-steps. The state needs
+  :func:`extragradient_extras` in ``state.extras``; it is a pure function of
+  ``(state, iteration)``, so a resumed run repeats it identically.
+  """
+  ex = dict(state.extras)
+  params = state.params
+  if iteration % 2 == 1:
+    ex["eg_half"] = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+  else:
+    if iteration > 0:
+      params = jax.tree.map(lambda p, h, a: p - h + a, params, ex["eg_half"], ex["eg_anchor"])
+    ex["eg_anchor"] = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+  return state._replace(params=params, extras=ex)
 
 
 # ----------------------------------------------------------------------------- evaluation
