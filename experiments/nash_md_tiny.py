@@ -31,5 +31,4 @@ def get_config(arg=None):
   c.algorithm = "nash_md"
   c.online.beta = 0.05
   c.online.mix_alpha = 0.5
-  c.online.learning_rate = 1e-3
   return c
