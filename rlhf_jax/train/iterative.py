@@ -113,6 +113,8 @@ def iteration_batches(arrays: Mapping[str, np.ndarray], *, batch_size: int, num_
   from the next one (fixed shapes: one compilation whatever the row count).
   """
   n = num_rows(arrays)
+  if n == 0 or num_steps <= start:  # an iteration without rows takes no step
+    return
   rng = np.random.default_rng([seed, iteration])
   need = num_steps * batch_size
   order = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need]
