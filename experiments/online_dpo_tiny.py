@@ -8,7 +8,7 @@ fresh prompts, the judge scores them, pairs are built and the policy takes DPO
 steps (:mod:`rlhf_jax.train.online_preference`, :func:`rlhf_jax.train.iterative.run_iterations`).
 
 ``config.algorithm`` picks a preset (``online_dpo``, ``iterative_dpo``, ``xpo``,
-``inpo``, ``dno``, ``rso``, ``self_rewarding``, ``spin``, ``nash_md``; see
+``inpo``, ``dno``, ``rso``, ``egpo``, ``sharpening``, ``dice``, ``spin``, ``nash_md``; see
 ``ALGORITHMS`` there); ``config.online.source=reference`` is the *offline* control:
 the same loop, the same number of prompts, samples and steps, but every pair is
 sampled from the SFT model (what an offline DPO dataset of the SFT model holds).
@@ -196,8 +196,6 @@ def main(config, workdir):
   sampler = op.make_sampler(graphdef, max_new_tokens=d.max_len + 1, temperature=o.temperature, eos_id=data.EOS_ID,
                             pad_id=data.PAD_ID)
   judge = gold_judge("preference" if config.algorithm in ("dno", "nash_md") else "reward")
-  if config.algorithm == "self_rewarding":
-    judge = gold_judge("reward")  # logged; pairs come from the implicit reward
   make_data = op.make_preference_data(
       cfg, prompts_fn=prompts_fn, sampler=sampler, judge=judge,
       logps_fn=op.make_sequence_logps_fn(graphdef), seq_len=d.seq_len, ref_params=ref_params,

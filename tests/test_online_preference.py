@@ -149,6 +149,15 @@ def test_iteration_data_per_algorithm(tiny):
   ic = {k[len("chosen_"):-len("_BxT")]: v for k, v in i.arrays.items() if k.startswith("chosen_")}
   np.testing.assert_allclose(i.arrays["prev_chosen_logps_B"], logps(params, ic)[0], rtol=1e-6)
   np.testing.assert_allclose(i.arrays["ref_chosen_logps_B"], logps(ref, ic)[0], rtol=1e-6)
+  # Self-judges: the chosen side has the higher implicit reward (DICE) / normalised likelihood (Sharpening).
+  side = lambda d, name: {k[len(name) + 1:-len("_BxT")]: v for k, v in d.arrays.items()
+                          if k.startswith(name + "_") and k.endswith("_BxT")}
+  dc = _make_data(tiny, "dice")(st, 0)
+  imp = lambda rows: logps(params, rows)[0] - logps(ref, rows)[0]
+  assert (imp(side(dc, "chosen")) > imp(side(dc, "rejected"))).all()
+  sh = _make_data(tiny, "sharpening")(st, 0)
+  norm = lambda rows: logps(params, rows)[0] / rows["loss_mask"].sum(-1)
+  assert (norm(side(sh, "chosen")) > norm(side(sh, "rejected"))).all()
   # Nash-MD: a probability per pair and the reference's token log-probs of the policy's sample.
   n = _make_data(tiny, "nash_md")(st, 0)
   assert ((n.arrays["preference_B"] >= 0) & (n.arrays["preference_B"] <= 1)).all()

@@ -9,8 +9,8 @@ One iteration of :func:`make_preference_data` (the ``make_data`` of
    for Nash-MD);
 2. **judge** them (:class:`RewardJudge`: a reward model, a rule verifier, a user text
    function; :class:`PreferenceJudge`: a pairwise preference model, whose scores are
-   each sample's win rate against the others, DNO's ``r_t``; or the policy's own
-   implicit reward ``β·log π_θ/π_ref``, self-rewarding);
+   each sample's win rate against the others, DNO's ``r_t``; or the policy itself:
+   its implicit reward ``β·log π_θ/π_ref`` (DICE) or its likelihood (Sharpening));
 3. **pair** them (:data:`PAIRINGS`): best vs worst, all ordered pairs, RSO's
    rejection-sampled pairs, the first two samples whatever their scores (online
    IPO, EGPO: the judge's ``P(y ≻ y')`` is the target), the gold response against
@@ -49,6 +49,7 @@ OPPONENTS = ("none", "reference", "mixture")
 PAIRINGS = ("best_vs_worst", "all_pairs", "sample_pair", "rso", "gold", "opponent")
 REFERENCES = ("fixed", "iteration", "tr_dpo")
 GOLD = ("none", "chosen", "candidate")
+SELF_JUDGES = ("none", "implicit", "likelihood")
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -286,8 +287,11 @@ class OnlineConfig:
     with_preference: also store ``preference_B = P(chosen ≻ rejected)`` from the judge.
     with_ref_tokens: also store the reference's per-token log-probs of the chosen side
       (``ref_chosen_token_logps_BxT``, Nash-MD's KL term).
-    implicit_beta: judge by the policy's implicit reward ``β·(log π_θ − log π_ref)``
-      (self-rewarding) instead of the judge given to the loop, when set.
+    self_judge: the policy judges its own samples instead of the loop's judge:
+      ``implicit``: its DPO implicit reward ``implicit_beta·(log π_θ − log π_ref)``
+      against the fixed reference (DICE; zero while the policy is the reference, so
+      start from a DPO-trained policy); ``likelihood``: its length-normalised
+      log-likelihood ``log π_θ(y)/|y|`` (Sharpening's self-reward); ``none``.
     rso_beta: RSO's sampler temperature β (``pairing="rso"``); ``rso_num_samples`` drawn.
   """
 
@@ -302,14 +306,15 @@ class OnlineConfig:
   with_previous: bool = False
   with_preference: bool = False
   with_ref_tokens: bool = False
-  implicit_beta: float | None = None
+  self_judge: str = "none"
+  implicit_beta: float = 0.1
   rso_beta: float = 0.5
   rso_num_samples: int = 4
 
   def __post_init__(self):
     for name, value, allowed in (("source", self.source, SOURCES), ("opponent", self.opponent, OPPONENTS),
                                  ("pairing", self.pairing, PAIRINGS), ("reference", self.reference, REFERENCES),
-                                 ("gold", self.gold, GOLD)):
+                                 ("gold", self.gold, GOLD), ("self_judge", self.self_judge, SELF_JUDGES)):
       if value not in allowed:
         raise ValueError(f"{name}={value!r}; valid choices: {allowed}")
     if (self.pairing == "opponent") != (self.opponent != "none"):
@@ -351,14 +356,17 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
     # Zhou et al. 2025, Extragradient Preference Optimization: online IPO towards P(y ≻ y') − ½ on pairs of policy
     # samples, with extragradient iterations (objective="online_ipo", begin_iteration=extragradient_begin).
     "egpo": dict(num_samples=2, pairing="sample_pair", reference="fixed", with_preference=True),
-    # Yuan et al. 2024, Self-Rewarding Language Models (with the DPO implicit reward as the judge, as in
-    # Chen et al. 2024's DICE): best vs worst under β·log π_θ/π_ref.
-    "self_rewarding": dict(num_samples=4, pairing="best_vs_worst", reference="iteration", implicit_beta=0.1),
+    # Chen et al. 2024, Bootstrapping Language Models with DPO Implicit Rewards (DICE; self-rewarding with the
+    # policy's implicit reward β·log π_θ/π_ref as the judge): start from a DPO-trained policy.
+    "dice": dict(num_samples=4, pairing="best_vs_worst", reference="fixed", self_judge="implicit"),
+    # Huang et al. 2024, Self-Improvement in Language Models: The Sharpening Mechanism (DPO on self-ranked pairs):
+    # the policy's own length-normalised likelihood ranks its samples, the SFT model is the reference.
+    "sharpening": dict(num_samples=4, pairing="best_vs_worst", reference="fixed", self_judge="likelihood"),
 }
 
 # The objective each algorithm trains with (``make_online_loss``); "dpo" is any pairwise loss.
 OBJECTIVES = {"online_dpo": "dpo", "iterative_dpo": "dpo", "spin": "dpo", "dno": "dpo", "inpo": "inpo",
-              "xpo": "xpo", "nash_md": "nash_md", "rso": "dpo", "self_rewarding": "dpo",
+              "xpo": "xpo", "nash_md": "nash_md", "rso": "dpo", "dice": "dpo", "sharpening": "dpo",
               "egpo": "online_ipo"}
 
 
@@ -426,12 +434,14 @@ def make_preference_data(
       cands = [row + [np.asarray(g)] for row, g in zip(cands, golds)]
     metrics: dict[str, float] = {}
 
-    if cfg.implicit_beta is not None:
+    if cfg.self_judge != "none":
       flat_p = [p for p, row in zip(prompts, cands) for _ in row]
       rows = completion_rows(flat_p, [c for row in cands for c in row], seq_len=seq_len, pad_id=pad_id)
       lp_pol = logps_fn(policy, rows)[0]
-      lp_ref = logps_fn(ref_params, rows)[0]
-      scores = (cfg.implicit_beta * (lp_pol - lp_ref)).reshape(b, -1)
+      if cfg.self_judge == "implicit":
+        scores = (cfg.implicit_beta * (lp_pol - logps_fn(ref_params, rows)[0])).reshape(b, -1)
+      else:
+        scores = (lp_pol / np.maximum(rows["loss_mask"].sum(-1), 1.0)).reshape(b, -1)
     elif cfg.pairing == "gold":
       scores = np.zeros((b, k), np.float32)
     else:
