@@ -123,6 +123,19 @@ def iteration_batches(arrays: Mapping[str, np.ndarray], *, batch_size: int, num_
     yield {k: np.asarray(v)[idx] for k, v in arrays.items()}
 
 
+def _global_steps(rows: int, *, batch_size: int, epochs: float) -> int:
+  """Steps of an iteration, the same on every process: sized by the process with the most rows (the others
+  cycle through theirs, ``iteration_batches``), none when any process has no row (it could not fill a batch)."""
+  if jax.process_count() == 1:
+    return steps_for(rows, batch_size=batch_size, epochs=epochs)
+  from jax.experimental import multihost_utils
+
+  counts = np.asarray(multihost_utils.process_allgather(np.array([rows], np.int64))).reshape(-1)
+  if counts.min() == 0:
+    return 0
+  return steps_for(int(counts.max()), batch_size=batch_size, epochs=epochs)
+
+
 def _write_samples(path: str, samples: list[dict]) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp"
@@ -235,7 +248,7 @@ def run_iterations(
         state = begin_iteration(state, it)  # a run killed after saving the rows, before its first step
       t_data = time.perf_counter() - t0
       rows = num_rows(data.arrays)
-      num_steps = steps_for(rows, batch_size=batch_size, epochs=epochs)
+      num_steps = _global_steps(rows, batch_size=batch_size, epochs=epochs)
       step_metrics = []
       if s == 0:
         it_metrics = dict(data.metrics, rows=float(rows), steps=float(num_steps), seconds=t_data)
