@@ -18,10 +18,28 @@ Command:
   python -m rlhf_jax.run experiments/online_dpo_tiny.py --workdir runs/offline --config.online.source=reference
   python -m rlhf_jax.run experiments/online_dpo_tiny.py --config.algorithm=xpo   # or inpo, dno, iterative_dpo, ...
 
-Hardware: 2 CPU cores, about 2 minutes. Expected (measured, see the numbers in
-tests/test_online_preference.py's docstring and the project notes): the headline of
-``<workdir>/result.json`` is the held-out ascending rate of sampled answers
-(temperature 1, 512 held-out prompts), before = the SFT model, after = the policy.
+Hardware: 2 CPU cores, about 2 minutes. The headline of ``<workdir>/result.json`` is
+the held-out ascending rate of sampled answers (temperature 1, 512 held-out
+prompts), before = the SFT model, after = the policy. Measured with the defaults
+(20 iterations of 64 prompts; ``--config.algorithm=<name>``), ascending / wrong-answer
+rate after, win rate against the SFT model under the gold judge, pairs trained on:
+
+  online_dpo            0.49 -> 0.87   wrong 0.04   win 0.69   479 pairs
+  offline (source=reference)  -> 0.83  wrong 0.16   win 0.68   646 pairs
+  iterative_dpo (K=4)        -> 0.92   wrong 0.06   win 0.71   649 pairs
+  dno (win rates, K=4+gold)  -> 0.94   wrong 0.04   win 0.72   663 pairs
+  xpo                        -> 0.89   wrong 0.05   win 0.70   1280 pairs
+  nash_md (nash_md_tiny.py)  -> 0.89   wrong 0.04   win 0.70   1280 pairs
+  inpo                       -> 0.84   wrong 0.04   win 0.67   494 pairs
+  rso (K=8 SFT samples)      -> 0.83   wrong 0.09   win 0.67   470 pairs
+  spin (spin_tiny.py)        -> 0.79   wrong 0.17   win 0.66   512 pairs
+  egpo                       -> 0.72   wrong 0.02   win 0.61   1280 pairs
+  sharpening                 -> 0.49   wrong 0.08   win 0.50   826 pairs (its self-judge does not know the order)
+
+The SFT model answers ascending 49%, descending 48%, wrong 3%. On-policy pairs beat
+the offline control with fewer pairs, and without its displacement of probability
+onto wrong answers. tests/test_online_preference.py asserts, at ``runlocal`` size,
+online > offline, SPIN's rising gold margin and Nash-MD's win rate.
 """
 
 import os
