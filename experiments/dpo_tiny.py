@@ -17,6 +17,9 @@ from, after = the DPO policy: 0.52 -> 0.97 (the reference samples ascending 52%,
 descending 45%, wrong 3%; the policy ascending 97%, descending 0%, wrong 2.5%).
 tests/test_dpo_experiment.py asserts a reduced run improves the ascending rate by
 at least 0.25.
+Interrupting (SIGTERM, Ctrl-C) stops at the current stage with a checkpoint (exit
+143/130); running the command again resumes stage by stage (a finished stage is
+restored, not retrained; tests/test_faults.py).
 
 The default objective is RPO, TRL's ``loss_type=["sigmoid", "sft"]``: the DPO
 sigmoid loss plus the NLL of the chosen answer. Plain ``sigmoid`` DPO on this
@@ -58,6 +61,7 @@ def get_config(arg=None):
   ))
   c.eval = ml_collections.ConfigDict(dict(num_prompts=512, temperature=1.0, seed=12345))
   c.checkpoint_every = 100
+  c.resume_changed = ""  # "ok": resume although model/optimizer/data keys changed since the checkpoint
   if arg == "runlocal":
     c.sft.num_steps, c.dpo.num_steps, c.eval.num_prompts = 300, 60, 128
   elif arg not in (None, ""):
@@ -83,6 +87,13 @@ def sample_orders(graphdef, params, prompts, *, temperature, seed, max_new_token
 
 
 def main(config, workdir):
+  """Runs the stages in order; a stage stopped by SIGTERM/SIGINT ends the run with its (preempted)
+  result (``python -m rlhf_jax.run`` exits 143/130), and the next run resumes stage by stage."""
+  with loop._StopFlag():  # a signal between stages stops the next stage before its first step
+    return _run(config, workdir)
+
+
+def _run(config, workdir):
   mesh = parallel.make_mesh(dict(config.mesh))
   cfg = models.config_from_section(config.model)
   d = config.data
@@ -97,14 +108,18 @@ def main(config, workdir):
   sft_data = pref_data.MixedSortingSFT(d.num_sft, seed=d.seed, seq_len=d.seq_len, min_len=d.min_len, max_len=d.max_len)
   sft_batches = data.BatchIterator.from_dataset(sft_data, batch_size=config.sft.batch_size, seed=config.seed,
                                                 collate=pref_data.collate)
-  ck = Checkpointer(os.path.join(workdir, "sft", "checkpoints"), max_to_keep=1)
+  ck = Checkpointer(os.path.join(workdir, "sft", "checkpoints"), max_to_keep=2)
   try:
     sft_result = loop.train_loop(step_fn=sft_step, state=state, batches=sft_batches, num_steps=config.sft.num_steps,
                                  workdir=os.path.join(workdir, "sft"), put_batch=put, checkpointer=ck,
                                  state_shardings=shardings, checkpoint_every=config.checkpoint_every,
-                                 progress=config.progress)
+                                 progress=config.progress,
+                                 run_config=loop.config_subset(config, "seed", "model", "data", "sft",
+                                                               "resume_changed"))
   finally:
     ck.close()
+  if sft_result.preempted:  # DPO must start from the finished SFT reference: stop here, resume later
+    return sft_result
   ref_params = sft_result.state.params
 
   # Stage 2: DPO from the SFT model against the frozen SFT reference.
@@ -133,15 +148,17 @@ def main(config, workdir):
   loss_fn = preference.make_preference_loss(specs, beta=config.dpo.beta, ref_graphdef=ref_graphdef)
   dpo_step = step_lib.make_train_step(loss_fn, tx, graphdef, mesh=mesh, state_shardings=shardings,
                                       learning_rate_fn=sched, extras_update=extras_update)
-  ck = Checkpointer(os.path.join(workdir, "dpo", "checkpoints"), max_to_keep=1)
+  ck = Checkpointer(os.path.join(workdir, "dpo", "checkpoints"), max_to_keep=2)
   try:
     dpo_result = loop.train_loop(step_fn=dpo_step, state=state, batches=dpo_batches, num_steps=config.dpo.num_steps,
                                  workdir=os.path.join(workdir, "dpo"), put_batch=put_dpo, checkpointer=ck,
                                  state_shardings=shardings, checkpoint_every=config.checkpoint_every,
-                                 progress=config.progress,
+                                 progress=config.progress, run_config=config,
                                  plot_keys=("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"))
   finally:
     ck.close()
+  if dpo_result.preempted:
+    return dpo_result
 
   # Evaluation: how often do the models' own samples have the preferred property?
   rng = np.random.default_rng(config.eval.seed)

@@ -17,6 +17,9 @@ tests/test_grpo_experiment.py asserts a rise of at least 0.12. DAPO's dynamic
 sampling matters here: with binary rewards most groups agree (all right or all
 wrong) and carry no gradient; without it the same run gains only 0.05.
 Results: ``<workdir>/result.json``.
+Interrupting (SIGTERM, Ctrl-C) stops at the current stage with a checkpoint (exit
+143/130); running the command again resumes stage by stage (a finished stage is
+restored, not retrained; tests/test_faults.py).
 """
 
 import os
@@ -39,7 +42,7 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.model = ml_collections.ConfigDict(dict(name="tiny", dtype="float32"))
   c.data = ml_collections.ConfigDict(dict(task="sorting", min_len=3, max_len=8, seq_len=24, seed=0))
-  c.sft = ml_collections.ConfigDict(dict(num_steps=200, batch_size=32, learning_rate=3e-3))
+  c.sft = ml_collections.ConfigDict(dict(num_steps=200, batch_size=32, learning_rate=3e-3, checkpoint_every=50))
   c.rl = ml_collections.ConfigDict(dict(
       num_iterations=40, prompts_per_iteration=16, group_size=8, temperature=1.0,
       adv_estimator="grpo", policy_loss="vanilla", clip_ratio_low=0.2, clip_ratio_high=0.28,
@@ -47,7 +50,8 @@ def get_config(arg=None):
       old_logps="sampler", kl_coef=0.0, kl_estimator="k3", dynamic_sampling_max_tries=4,
   ))
   c.eval = ml_collections.ConfigDict(dict(num_prompts=256, every=10))
-  c.checkpoint_every = 10
+  c.checkpoint_every = 10  # RL iterations
+  c.resume_changed = ""  # "ok": resume although model/optimizer/data keys changed since the checkpoint
   if arg == "runlocal":
     c.rl.num_iterations, c.eval.every = 10, 5
   elif arg not in (None, ""):
@@ -63,6 +67,13 @@ def greedy_accuracy(graphdef, params, task, prompts, max_new_tokens):
 
 
 def main(config, workdir):
+  """Runs the stages in order; a stage stopped by SIGTERM/SIGINT ends the run with its (preempted)
+  result (``python -m rlhf_jax.run`` exits 143/130), and the next run resumes stage by stage."""
+  with loop._StopFlag():  # a signal between stages stops the next stage before its first step
+    return _run(config, workdir)
+
+
+def _run(config, workdir):
   mesh = parallel.make_mesh(dict(config.mesh))
   cfg = models.config_from_section(config.model)
   d, rl = config.data, config.rl
@@ -77,13 +88,19 @@ def main(config, workdir):
   sft_step = step_lib.make_train_step(sft.make_sft_loss(), tx, graphdef, mesh=mesh, state_shardings=shardings)
   batches = data.synthetic_sft_iterator(d.task, batch_size=config.sft.batch_size, seq_len=d.seq_len, seed=d.seed,
                                         min_len=d.min_len, max_len=d.max_len)
-  ck = Checkpointer(os.path.join(workdir, "sft", "checkpoints"), max_to_keep=1)
+  ck = Checkpointer(os.path.join(workdir, "sft", "checkpoints"), max_to_keep=2)
   try:
-    sft_state = loop.train_loop(step_fn=sft_step, state=state, batches=batches, num_steps=config.sft.num_steps,
-                                workdir=os.path.join(workdir, "sft"), put_batch=put, checkpointer=ck,
-                                state_shardings=shardings, progress=config.progress).state
+    sft_result = loop.train_loop(step_fn=sft_step, state=state, batches=batches, num_steps=config.sft.num_steps,
+                                 workdir=os.path.join(workdir, "sft"), put_batch=put, checkpointer=ck,
+                                 state_shardings=shardings, checkpoint_every=config.sft.checkpoint_every,
+                                 progress=config.progress,
+                                 run_config=loop.config_subset(config, "seed", "model", "data", "sft",
+                                                               "resume_changed"))
   finally:
     ck.close()
+  if sft_result.preempted:  # GRPO must start from the finished SFT policy: stop here, resume later
+    return sft_result
+  sft_state = sft_result.state
 
   held_rng = np.random.default_rng(d.seed + 4242)
   held_out = [data.make_sft_example(held_rng, d.task, min_len=d.min_len, max_len=d.max_len)[0]
@@ -120,9 +137,9 @@ def main(config, workdir):
     return np.asarray(estimator(rewards_B, mask_BxN, group_ids_B))
 
   eval_fn = lambda s: {"accuracy": greedy_accuracy(graphdef, s.params, d.task, held_out, max_new)}
-  ck = Checkpointer(os.path.join(workdir, "rl", "checkpoints"), max_to_keep=1)
+  ck = Checkpointer(os.path.join(workdir, "rl", "checkpoints"), max_to_keep=2)
   try:
-    state, last = online.run_online(
+    rl_result = online.run_online(
         state=state, state_shardings=shardings, graphdef=graphdef, step_fn=step, rollout_fn=rollout,
         prompt_fn=prompt_fn, reward_fn=reward_fn, advantage_fn=advantage_fn, num_iterations=rl.num_iterations,
         workdir=os.path.join(workdir, "rl"), put_batch=put, seed=config.seed, epochs=rl.epochs,
@@ -130,9 +147,12 @@ def main(config, workdir):
         ref_params=sft_state.params if rl.kl_coef else None, checkpointer=ck,
         checkpoint_every=config.checkpoint_every, eval_fn=eval_fn, eval_every=config.eval.every,
         dynamic_sampling_max_tries=rl.dynamic_sampling_max_tries, prompt_length=d.max_len + 2,
-        progress=config.progress)
+        progress=config.progress, run_config=config)
   finally:
     ck.close()
+  if rl_result.preempted:
+    return rl_result
+  state, last = rl_result
   rl_accuracy = greedy_accuracy(graphdef, state.params, d.task, held_out, max_new)
   result = {"headline": writers.make_headline("greedy_accuracy", sft_accuracy, rl_accuracy),  # sft -> rl
             "sft_accuracy": sft_accuracy, "rl_accuracy": rl_accuracy}
@@ -140,4 +160,4 @@ def main(config, workdir):
   result["final_metrics"] = last
   writers.write_result(workdir, result, not_printed=("final_metrics",), train_metrics=last,
                        eval_metrics={"accuracy": rl_accuracy})
-  return loop.LoopResult(state, last, result, False, 0, rl.num_iterations)
+  return loop.LoopResult(state, last, result, False, rl_result.start, rl_result.end)

@@ -21,6 +21,9 @@ prompt), before = the SFT policy PPO starts from, after = the PPO policy: 0.41
 -> 0.75; the reward model's mean score rises from -1.2 to 3.9, with a KL to the
 SFT reference of 1.7 nats per answer. tests/test_ppo_experiment.py asserts a
 reduced run (gold up by more than 0.1).
+Interrupting (SIGTERM, Ctrl-C) stops at the current stage with a checkpoint (exit
+143/130); running the command again resumes stage by stage (a finished stage is
+restored, not retrained; tests/test_faults.py).
 """
 
 import os
@@ -45,8 +48,8 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.model = ml_collections.ConfigDict(dict(name="tiny", dtype="float32"))
   c.data = ml_collections.ConfigDict(dict(seq_len=20, min_len=4, max_len=8, seed=0))
-  c.rm = ml_collections.ConfigDict(dict(num_steps=300, batch_size=32, learning_rate=1e-3))
-  c.sft = ml_collections.ConfigDict(dict(num_steps=600, batch_size=32, learning_rate=3e-3))
+  c.rm = ml_collections.ConfigDict(dict(num_steps=300, batch_size=32, learning_rate=1e-3, checkpoint_every=100))
+  c.sft = ml_collections.ConfigDict(dict(num_steps=600, batch_size=32, learning_rate=3e-3, checkpoint_every=100))
   c.ppo = ml_collections.ConfigDict(dict(
       num_iterations=30, prompts_per_iteration=32, temperature=1.0, learning_rate=2e-4, epochs=2,
       num_minibatches=2, clip_ratio=0.2, kl_coef=0.05, gamma=1.0, lam=0.95, vf_coef=0.5, value_clip=0.2,
@@ -54,7 +57,8 @@ def get_config(arg=None):
       judge_penalty=-5.0,  # reward of answers that are not a permutation of the prompt (CGPO judge); 0 disables
   ))
   c.eval = ml_collections.ConfigDict(dict(num_prompts=256, every=10))
-  c.checkpoint_every = 10
+  c.checkpoint_every = 10  # PPO iterations
+  c.resume_changed = ""  # "ok": resume although model/optimizer/data keys changed since the checkpoint
   if arg == "runlocal":
     c.rm.num_steps, c.sft.num_steps, c.ppo.num_iterations = 100, 200, 5
   elif arg not in (None, ""):
@@ -71,16 +75,25 @@ def gold_reward(prompt_digits, completion) -> float:
   return pref_data.sortedness(c)
 
 
-def _train(step_fn, state, shardings, batches, num_steps, workdir, put, progress):
-  ck = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1)
+def _train(step_fn, state, shardings, batches, num_steps, workdir, put, progress, checkpoint_every, run_config):
+  """One offline stage; returns its `loop.LoopResult` (``preempted`` when a signal stopped it)."""
+  ck = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2)
   try:
     return loop.train_loop(step_fn=step_fn, state=state, batches=batches, num_steps=num_steps, workdir=workdir,
-                           put_batch=put, checkpointer=ck, state_shardings=shardings, progress=progress).state
+                           put_batch=put, checkpointer=ck, state_shardings=shardings, progress=progress,
+                           checkpoint_every=checkpoint_every, run_config=run_config)
   finally:
     ck.close()
 
 
 def main(config, workdir):
+  """Runs the stages in order; a stage stopped by SIGTERM/SIGINT ends the run with its (preempted)
+  result (``python -m rlhf_jax.run`` exits 143/130), and the next run resumes stage by stage."""
+  with loop._StopFlag():  # a signal between stages stops the next stage before its first step
+    return _run(config, workdir)
+
+
+def _run(config, workdir):
   mesh = parallel.make_mesh(dict(config.mesh))
   policy_cfg = models.config_from_section(config.model)
   critic_cfg = models.config_from_section(config.model, scalar_head_outputs=1)
@@ -96,9 +109,14 @@ def main(config, workdir):
                                                         mesh=mesh)
   rm_step = step_lib.make_train_step(reward.make_reward_loss("bt"), tx, rm_graphdef, mesh=mesh, state_shardings=sh)
   pairs = pref_data.PermutationPreferences(16384, seed=d.seed, seq_len=d.seq_len, min_len=d.min_len, max_len=d.max_len)
-  rm_params = _train(rm_step, state, sh, data.BatchIterator.from_dataset(pairs, batch_size=config.rm.batch_size,
+  rm_result = _train(rm_step, state, sh, data.BatchIterator.from_dataset(pairs, batch_size=config.rm.batch_size,
                                                                          seed=1, collate=pref_data.collate),
-                     config.rm.num_steps, os.path.join(workdir, "rm"), lambda b: put(strip(b)), config.progress).params
+                     config.rm.num_steps, os.path.join(workdir, "rm"), lambda b: put(strip(b)), config.progress,
+                     config.rm.checkpoint_every,
+                     loop.config_subset(config, "seed", "model", "data", "rm", "resume_changed"))
+  if rm_result.preempted:  # later stages need the finished reward model: stop here, resume later
+    return rm_result
+  rm_params = rm_result.state.params
 
   # 2. SFT policy (ascending or descending, half each).
   tx, _ = opt(config.sft.learning_rate, config.sft.num_steps)
@@ -106,9 +124,14 @@ def main(config, workdir):
                                                      mesh=mesh)
   sft_step = step_lib.make_train_step(sft.make_sft_loss(), tx, graphdef, mesh=mesh, state_shardings=sh)
   mix = pref_data.MixedSortingSFT(16384, seed=d.seed + 1, seq_len=d.seq_len, min_len=d.min_len, max_len=d.max_len)
-  sft_params = _train(sft_step, state, sh, data.BatchIterator.from_dataset(mix, batch_size=config.sft.batch_size,
+  sft_result = _train(sft_step, state, sh, data.BatchIterator.from_dataset(mix, batch_size=config.sft.batch_size,
                                                                            seed=2, collate=pref_data.collate),
-                      config.sft.num_steps, os.path.join(workdir, "sft"), put, config.progress).params
+                      config.sft.num_steps, os.path.join(workdir, "sft"), put, config.progress,
+                      config.sft.checkpoint_every,
+                      loop.config_subset(config, "seed", "model", "data", "sft", "resume_changed"))
+  if sft_result.preempted:
+    return sft_result
+  sft_params = sft_result.state.params
 
   # 3. PPO: actor-critic with the critic initialised from the reward model.
   copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
@@ -167,20 +190,24 @@ def main(config, workdir):
   before = evaluate(sft_params)
   batch_fn = ppo.make_ppo_batch_fn(ac_graphdef, num_response_tokens=max_new, put_batch=put, kl_coef=p.kl_coef,
                                    gamma=p.gamma, lam=p.lam, reward_clip=p.reward_clip)
-  ck = Checkpointer(os.path.join(workdir, "ppo", "checkpoints"), max_to_keep=1)
+  ck = Checkpointer(os.path.join(workdir, "ppo", "checkpoints"), max_to_keep=2)
   try:
-    state, last = online.run_online(
+    ppo_result = online.run_online(
         state=state, state_shardings=sh, graphdef=ac_graphdef, step_fn=step, rollout_fn=rollout,
         prompt_fn=prompt_fn, reward_fn=reward_fn, advantage_fn=None, num_iterations=p.num_iterations,
         workdir=os.path.join(workdir, "ppo"), put_batch=put, seed=config.seed, epochs=p.epochs,
         num_minibatches=p.num_minibatches, ref_params=sft_params, checkpointer=ck,
         checkpoint_every=config.checkpoint_every, eval_fn=lambda s: evaluate(s.params["policy"]),
         eval_every=config.eval.every, prompt_length=d.max_len + 2, progress=config.progress,
-        policy_params_fn=lambda params: params["policy"], policy_graphdef=graphdef, batch_fn=batch_fn)
+        policy_params_fn=lambda params: params["policy"], policy_graphdef=graphdef, batch_fn=batch_fn,
+        run_config=config)
   finally:
     ck.close()
+  if ppo_result.preempted:
+    return ppo_result
+  state, last = ppo_result
   after = evaluate(state.params["policy"])
   result = {"headline": writers.make_headline("gold", before["gold"], after["gold"]),
             "before": before, "after": after, "final_metrics": last}
   writers.write_result(workdir, result, not_printed=("final_metrics",), train_metrics=last, eval_metrics=after)
-  return loop.LoopResult(state, last, result, False, 0, p.num_iterations)
+  return loop.LoopResult(state, last, result, False, ppo_result.start, ppo_result.end)

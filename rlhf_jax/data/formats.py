@@ -158,8 +158,9 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[int | str, Any]]:
   """Yields ``(line, row)`` from a ``.jsonl``/``.json`` (one JSON object a line) or ``.parquet`` file.
 
   JSONL lines are numbered from 1 (blank lines are skipped, yielded as ``(line, None)``);
-  Parquet rows are named ``"row N"`` (0-based). A line that is not valid JSON is yielded as
-  ``(line, _BadJson)`` so the caller can report or skip it.
+  Parquet rows are named ``"row N"`` (0-based). A line that is not valid JSON, or not valid
+  UTF-8, is yielded as ``(line, _BadJson)`` so the caller can report or skip that line alone
+  (one bad byte does not abort the file). A UTF-8 byte-order mark on the first line is ignored.
   """
   path = os.fspath(path)
   if path.endswith(".parquet"):
@@ -169,8 +170,16 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[int | str, Any]]:
     for i, row in enumerate(table.to_pylist()):
       yield f"row {i}", row
     return
-  with open(path, encoding="utf-8") as f:
-    for i, text in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for i, raw in enumerate(f, start=1):
+      try:
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield i, _BadJson(f"byte {e.start} of the line is {raw[e.start:e.start + 1]!r} ({e.reason})",
+                          reason="invalid UTF-8")
+        continue
+      if i == 1:
+        text = text.removeprefix("\ufeff")
       if not text.strip():
         yield i, None
         continue
@@ -182,8 +191,8 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[int | str, Any]]:
 
 class _BadJson:
 
-  def __init__(self, message: str):
-    self.message = message
+  def __init__(self, message: str, reason: str = "invalid JSON"):
+    self.message, self.reason = message, reason
 
 
 # ----------------------------------------------------------------------------- field helpers
@@ -425,7 +434,7 @@ def parse_row(row: Any, fmt: str, *, path: str = "<row>", line: int | str = 0) -
   if fmt not in _PARSERS:
     raise ValueError(f"Unknown format {fmt!r}; expected one of {FORMATS}.")
   if isinstance(row, _BadJson):
-    raise DataError(path, line, None, "invalid JSON", row.message)
+    raise DataError(path, line, None, row.reason, row.message)
   if not isinstance(row, dict):
     raise DataError(path, line, None, "wrong type", f"the row is a {type(row).__name__}, not an object")
   try:

@@ -39,26 +39,47 @@ class LoopResult:
 
 
 class _StopFlag:
-  """Turns SIGTERM/SIGINT into a flag checked between steps."""
+  """Turns SIGTERM/SIGINT into a flag checked between steps.
+
+  Flags nest: an experiment wraps its stages in one (``with loop._StopFlag() as stop``)
+  and each stage's loop enters its own. A signal received by an inner flag is also
+  recorded by the outer ones (so the experiment sees it after the stage returns), and a
+  flag entered while an outer one already holds a signal (one that arrived between
+  stages, e.g. during an evaluation or a model build) starts with it set, so the next
+  loop stops before its first step. Leaving a flag restores the handlers it replaced.
+  """
+
+  _active: list["_StopFlag"] = []  # the entered flags, outermost first
 
   def __init__(self):
     self.signum = None
     self._old = {}
 
   def __enter__(self):
+    for outer in reversed(_StopFlag._active):
+      if outer.signum is not None:
+        self.signum = outer.signum
+        break
     for s in (signal.SIGTERM, signal.SIGINT):
       try:
         self._old[s] = signal.signal(s, self._handle)
       except ValueError:  # not the main thread
         pass
+    _StopFlag._active.append(self)
     return self
 
   def _handle(self, signum, frame):
     self.signum = signum
+    for outer in _StopFlag._active:
+      outer.signum = signum
 
   def __exit__(self, *exc):
     for s, h in self._old.items():
       signal.signal(s, h)
+    self._old = {}
+    if self in _StopFlag._active:
+      _StopFlag._active.remove(self)
+    return False
 
 
 RUN_CONFIG_FILE = "run_config.json"
@@ -66,6 +87,17 @@ RUN_CONFIG_FILE = "run_config.json"
 # A resumed run warns when a config key containing one of these changed since the checkpoint.
 WATCHED_CONFIG_KEYS = ("num_steps", "num_epochs", "num_iterations", "optimizer.", "learning_rate", "schedule",
                        "warmup_steps", "batch_size")
+
+
+# A resume refuses a changed key under one of these sections (they decide what the checkpoint
+# means: the model's shapes and dtypes, the optimizer and its state, the data and its order),
+# unless the config sets RESUME_OVERRIDE_KEY to "ok". Schedule keys (SCHEDULE_CONFIG_KEYS) and
+# layout/speed keys (RESUME_FREE_CONFIG_KEYS) only warn or pass.
+REFUSED_CONFIG_SECTIONS = ("model", "optimizer", "data")
+SCHEDULE_CONFIG_KEYS = ("num_steps", "num_epochs", "num_iterations", "learning_rate", "schedule", "warmup_steps",
+                        "end_value", "batch_size")
+RESUME_FREE_CONFIG_KEYS = ("remat", "attention_impl", "logprob_chunk_size", "num_microbatches", "progress", "mesh")
+RESUME_OVERRIDE_KEY = "resume_changed"
 
 
 def flatten_config(config: Any) -> dict[str, Any]:
@@ -106,40 +138,99 @@ def config_drift(saved: Mapping, current: Mapping, watched: Sequence[str] = WATC
   return lines
 
 
+def refused_config_changes(saved: Mapping, current: Mapping,
+                           sections: Sequence[str] = REFUSED_CONFIG_SECTIONS) -> list[str]:
+  """``"key old -> new"`` for changed keys under ``sections`` (any level, e.g. ``model.param_dtype``,
+  ``data.seed``, ``optimizer.b2``), but not schedule keys (`SCHEDULE_CONFIG_KEYS`, which
+  `config_drift` warns about), layout/speed keys (`RESUME_FREE_CONFIG_KEYS`), nor keys present
+  on one side only (added or removed by another version of the code, which keeps its default)."""
+  old, new = flatten_config(saved), flatten_config(current)
+  out = []
+  for key in sorted(set(old) | set(new)):
+    parts = key.split(".")
+    if not any(p in sections for p in parts[:-1]) or key == RESUME_OVERRIDE_KEY:
+      continue
+    if any(w in key for w in SCHEDULE_CONFIG_KEYS) or any(p in RESUME_FREE_CONFIG_KEYS for p in parts):
+      continue
+    if key not in old or key not in new:  # a key added or removed by another code version: its default
+      continue
+    if old[key] != new[key]:
+      out.append(f"{key} {_show(old[key])} -> {_show(new[key])}")
+  return out
+
+
+def _resume_override(current: Mapping) -> bool:
+  return str(flatten_config(current).get(RESUME_OVERRIDE_KEY, "")).strip().lower() in ("ok", "true", "1", "yes")
+
+
+def _saved_run_config(path: str) -> Mapping | None:
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    if jax.process_index() == 0:
+      log.warning("cannot read %s (%s); not checking the config against the checkpoint", path, e)
+    return None
+  return saved if isinstance(saved, Mapping) else None
+
+
 def record_run_config(workdir: str, run_config: Any, *, resumed: bool) -> list[str]:
-  """Writes ``<workdir>/run_config.json``; on a resume first warns about watched keys that changed.
+  """Writes ``<workdir>/run_config.json``; on a resume first checks it against the saved one.
 
   ``run_config`` is the run's config (a dict or a ``ConfigDict``). On a resume the
-  saved file (when there is one) is compared with it: each changed key of
-  `WATCHED_CONFIG_KEYS` (step counts, optimizer, schedule, batch size) is printed
-  and logged as one warning line, then the file is rewritten with the new config.
-  Process 0 only; returns the warning lines.
+  saved file (when there is one) is compared with it. A changed key under the
+  ``model``, ``optimizer`` or ``data`` sections (`refused_config_changes`: e.g.
+  ``model.param_dtype``, ``data.seed``, ``optimizer.b2``) refuses the resume with a
+  `rlhf_jax.errors.ConfigError` naming the keys (on every process), unless the config
+  has ``resume_changed="ok"`` (``--config.resume_changed=ok``). Each changed key of
+  `WATCHED_CONFIG_KEYS` (step counts, optimizer, schedule, batch size), and each
+  refused key let through by the override, is printed and logged as one warning
+  line, then the file is rewritten with the new config. Process 0 writes; returns
+  the warning lines.
   """
-  if run_config is None or jax.process_index() != 0:
+  if run_config is None:
     return []
   if hasattr(run_config, "to_dict"):
     run_config = run_config.to_dict()
   current = json.loads(json.dumps(run_config, default=str))  # tuples -> lists, as read back from the file
   path = os.path.join(workdir, RUN_CONFIG_FILE)
-  lines = []
-  if resumed and os.path.exists(path):
-    try:
-      with open(path) as f:
-        saved = json.load(f)
-    except (OSError, ValueError) as e:
-      log.warning("cannot read %s (%s); not checking the config against the checkpoint", path, e)
-      saved = None
-    if isinstance(saved, Mapping):
-      lines = config_drift(saved, current)
-      for line in lines:
-        print(line, flush=True)
-        log.warning("%s", line)
+  saved = _saved_run_config(path) if resumed else None
+  refused = refused_config_changes(saved, current) if saved is not None else []
+  override = _resume_override(current)
+  if refused and not override:
+    from rlhf_jax.errors import ConfigError
+
+    how = (f"pass --config.{RESUME_OVERRIDE_KEY}=ok to resume with the new values"
+           if RESUME_OVERRIDE_KEY in flatten_config(current) else f"delete {path} to resume with the new values")
+    raise ConfigError(
+        f"cannot resume {workdir}: config changed since its checkpoint: {'; '.join(refused)} (model, optimizer "
+        f"and data keys change what the checkpoint means); use a new workdir, restore the old values, or {how}")
+  if jax.process_index() != 0:
+    return []
+  lines = config_drift(saved, current) if saved is not None else []
+  warned = {line.split()[5] for line in lines}  # "config changed since the checkpoint: KEY ..."
+  lines += [f"config changed since the checkpoint: {r} (the run resumes with the new value: "
+            f"{RESUME_OVERRIDE_KEY}=ok)" for r in refused if r.split()[0] not in warned]
+  for line in lines:
+    print(line, flush=True)
+    log.warning("%s", line)
   os.makedirs(workdir, exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.write(json.dumps(run_config, default=str, indent=1) + "\n")
   os.replace(tmp, path)
   return lines
+
+
+def config_subset(config: Any, *keys: str) -> dict[str, Any]:
+  """``{key: config[key]}`` (plain dicts) for the ``keys`` present: the part of an experiment's
+  config one stage depends on, for its ``run_config`` (so an earlier stage is not warned about,
+  or refused for, keys of a later one)."""
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  return {k: config[k] for k in keys if k in config}
 
 
 def resume_message(restored: int, total: int, directory: str, *, unit: str = "step") -> str:
@@ -221,26 +312,41 @@ def train_loop(
       are fine: the current counts are written.
     run_config: the run's config (a dict or a ``ConfigDict``), saved as
       ``<workdir>/run_config.json``; on a resume, changed step counts, optimizer,
-      schedule or batch size keys are warned about (`record_run_config`).
+      schedule or batch size keys are warned about, and changed model, optimizer or
+      data keys refuse the resume unless ``resume_changed="ok"`` (`record_run_config`).
 
   On a resume it prints ``resumed from step N of M (<checkpoint dir>)``, or
   ``already complete at step N (<checkpoint dir>): nothing to train`` when the
-  checkpoint is at ``num_steps`` or beyond. A run stopped by SIGTERM/SIGINT
-  returns ``preempted=True`` and the signal in ``signum``.
+  checkpoint is at ``num_steps`` or beyond. A damaged newest checkpoint falls back
+  to an older intact one (`Checkpointer.restore`). ``<workdir>/metrics.jsonl``
+  keeps one row per step: rows beyond the step the run starts from (a restart from
+  scratch, steps after the checkpoint) are dropped, and a checkpointed step's row is
+  written before its save.
+
+  A run stopped by SIGTERM/SIGINT returns ``preempted=True`` and the signal in
+  ``signum``, after a checkpoint; a signal already received by an enclosing
+  `_StopFlag` (an experiment's, between its stages) stops it before its first step.
+  A multi-stage experiment returns the first preempted stage's result.
   """
   main = jax.process_index() == 0
   resume_step = None
-  if checkpointer is not None and checkpointer.latest_step() is not None:
+  resuming = checkpointer is not None and checkpointer.latest_step() is not None
+  # Before restoring: a changed model/optimizer/data key refuses the resume (ConfigError).
+  record_run_config(workdir, run_config, resumed=resuming)
+  if resuming:
     resume_step = checkpointer.latest_step()
+    # A damaged newest checkpoint falls back to an older intact one (`Checkpointer.restore`).
     state, data_state = checkpointer.restore(abstract_like(state, state_shardings), resume_step, like=state)
+    resume_step = getattr(checkpointer, "restored_step", None) or resume_step
     if data_state and hasattr(batches, "set_state"):
       batches.set_state(data_state)
   start = int(jax.device_get(state.step))
   if resume_step is not None and main:
     log.info("resumed from step %d in %s", resume_step, checkpointer.directory)
     print(resume_message(start, num_steps, checkpointer.directory), flush=True)
-  record_run_config(workdir, run_config, resumed=resume_step is not None)
-  writer = MetricWriter(workdir, enabled=main, resume_step=resume_step)
+  # Rows beyond the state's step (a run killed before its next checkpoint, a restart from
+  # scratch, an abandoned lineage) are dropped, so the file reads as one run.
+  writer = MetricWriter(workdir, enabled=main, resume_step=start)
 
   def save(step, force=False):
     if checkpointer is None:
@@ -287,6 +393,11 @@ def train_loop(
   with _StopFlag() as stop:
     step = start
     while step < num_steps:
+      # Checked before each step: a signal that arrived before the loop started (between
+      # the stages of an experiment, see `_StopFlag`) stops it before its first step.
+      if _any_process(stop.signum is not None):
+        preempted = True
+        break
       host_batch = next(batches)
       tokens = count_tokens(host_batch)
       state, metrics = step_fn(state, put_batch(host_batch))
@@ -299,17 +410,17 @@ def train_loop(
       if eval_fn is not None and eval_every and step % eval_every == 0 and step < num_steps:
         eval_metrics = writer.write(step, eval_fn(state), prefix="eval/")
       if checkpoint_every and step % checkpoint_every == 0:
+        if pending is not None:  # the metrics row of a checkpointed step is written before its save
+          flush(pending)
+          pending = None
         save(step)
-      if _any_process(stop.signum is not None) and step < num_steps:
-        preempted = True
-        break
     if pending is not None:
       flush(pending)
 
   if eval_fn is not None and not preempted and step > start:
     eval_metrics = writer.write(step, eval_fn(state), prefix="eval/")
-  if checkpointer is not None and step > start or (checkpointer is not None and preempted):
-    if checkpointer.latest_step() != step:
+  if checkpointer is not None:
+    if step > start and checkpointer.latest_step() != step:
       save(step, force=True)
     checkpointer.wait()
   if bar is not None:
@@ -317,7 +428,7 @@ def train_loop(
   writer.close()
   if main:
     if preempted:
-      log.warning("stopped by signal at step %d; checkpoint saved", step)
+      log.warning("stopped by signal at step %d%s", step, "; checkpoint saved" if checkpointer is not None else "")
     plot_curves(writer.path, os.path.join(workdir, "curves.png"), keys=plot_keys)
   return LoopResult(state, last, eval_metrics, preempted, start, step,
                     signum=int(stop.signum) if preempted and stop.signum is not None else None)

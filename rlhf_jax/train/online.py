@@ -30,7 +30,7 @@ from flax import nnx
 from rlhf_jax import losses as losses_lib
 from rlhf_jax import ops
 from rlhf_jax.sampling import make_generate_fn
-from rlhf_jax.train.loop import _any_process, _StopFlag
+from rlhf_jax.train.loop import NonFiniteError, _any_process, _StopFlag
 
 log = logging.getLogger("rlhf_jax")
 
@@ -218,6 +218,7 @@ def run_online(
     sample_weight_fn: Callable | None = None,
     sample_shardings=None,
     run_config=None,
+    max_nonfinite_streak: int = 10,
     plot_keys: tuple[str, ...] = ("reward_mean", "eval/accuracy", "kl", "entropy", "clip_fraction", "response_length"),
 ):
   """The online loop shared by GRPO-style algorithms (PPO adds a critic around it).
@@ -252,8 +253,12 @@ def run_online(
   complete at iteration N (<checkpoint dir>): nothing to train``. ``run_config``
   (the run's config, a dict or ``ConfigDict``) is saved as ``<workdir>/run_config.json``
   and checked on a resume as in :func:`rlhf_jax.train.loop.train_loop`.
-  SIGTERM / SIGINT end the loop after the current iteration with a checkpoint; the
-  result (an :class:`OnlineResult`, which unpacks as ``state, last_metrics``) then has
+  After ``max_nonfinite_streak`` consecutive skipped (non-finite) updates the run stops
+  with :class:`rlhf_jax.train.loop.NonFiniteError`.
+  SIGTERM / SIGINT end the loop after the current iteration with a checkpoint (a signal
+  already received by an enclosing ``loop._StopFlag``, between an experiment's stages,
+  ends it before its first iteration); the result (an :class:`OnlineResult`, which
+  unpacks as ``state, last_metrics``) then has
   ``preempted=True`` and the ``signum``.
   Metrics per iteration: rewards, zero-variance group fraction, response
   length, sampling and training tokens/s, and the step's metrics (averaged).
@@ -267,15 +272,18 @@ def run_online(
 
   start = 0
   resume = None
-  if checkpointer is not None and checkpointer.latest_step() is not None:
+  resuming = checkpointer is not None and checkpointer.latest_step() is not None
+  # Before restoring: a changed model/optimizer/data key refuses the resume (ConfigError).
+  record_run_config(workdir, run_config, resumed=resuming)
+  if resuming:
     resume = checkpointer.latest_step()
+    # A damaged newest checkpoint falls back to an older intact one (`Checkpointer.restore`).
     state, data_state = checkpointer.restore(abstract_like(state, state_shardings), resume, like=state)
     start = int(data_state.get("iteration", 0))
   main = jax.process_index() == 0
   if resume is not None and main:
     print(resume_message(start, num_iterations, checkpointer.directory, unit="iteration"), flush=True)
-  record_run_config(workdir, run_config, resumed=resume is not None)
-  writer = MetricWriter(workdir, enabled=main, resume_step=start if resume is not None else None)
+  writer = MetricWriter(workdir, enabled=main, resume_step=start)  # drops rows beyond `start`: one run per file
   num_n = None
   logps_fn = ref_fn = None
   params_of_state = state_params_fn or (lambda s: policy_params_fn(s.params))
@@ -287,92 +295,102 @@ def run_online(
     bar = tqdm(total=num_iterations, initial=start, desc="online", dynamic_ncols=True)
   last = {}
   done = start
-  stop = _StopFlag().__enter__()  # SIGTERM / SIGINT: finish the iteration, save, return
-  for it in range(start, num_iterations):
-    if done > start and _any_process(stop.signum is not None):
-      break
-    t0 = time.perf_counter()
-    keep_rollouts = []
-    for attempt in range(max(dynamic_sampling_max_tries, 1)):
-      prompts, group_ids = prompt_fn(it) if attempt == 0 else prompt_fn(it, attempt)
-      from rlhf_jax.sampling import left_pad
+  with _StopFlag() as stop:  # SIGTERM / SIGINT: finish the iteration, save, return (handlers restored on any exit)
+    for it in range(start, num_iterations):
+      # Checked before each iteration: a signal that arrived before the loop (between the
+      # stages of an experiment, see `loop._StopFlag`) stops it before its first iteration.
+      if _any_process(stop.signum is not None):
+        break
+      t0 = time.perf_counter()
+      keep_rollouts = []
+      for attempt in range(max(dynamic_sampling_max_tries, 1)):
+        prompts, group_ids = prompt_fn(it) if attempt == 0 else prompt_fn(it, attempt)
+        from rlhf_jax.sampling import left_pad
 
-      ids, pmask = left_pad(prompts, pad_id=pad_id, length=prompt_length)
-      rng = jax.random.fold_in(jax.random.PRNGKey(seed), it * 1000 + attempt)
-      sample_params = params_of_state(state)
-      if sample_shardings is not None:
-        sample_params = jax.device_put(sample_params, sample_shardings)
-      ro = rollout_fn(sample_params, ids, pmask, rng, group_ids)
-      rewards = np.asarray(reward_fn(prompts, ro.tokens_BxN, ro.response_mask_BxN.sum(-1)), np.float32)
-      if dynamic_sampling_max_tries <= 0:
-        keep_rollouts = [(ro, rewards)]
-        break
-      keep_rollouts.append((ro, rewards))
-      stats = group_stats(rewards, ro.group_ids_B)
-      if stats["zero_variance_groups"] == 0.0:
-        break
-    if dynamic_sampling_max_tries > 0:
-      ro, rewards = _select_informative_groups(keep_rollouts)
-    else:
-      ro, rewards = keep_rollouts[0]
-    t_sample = time.perf_counter() - t0
-    num_n = ro.tokens_BxN.shape[1]
-    batch = {
-        "input_ids_BxT": ro.input_ids_BxT, "attention_mask_BxT": ro.attention_mask_BxT,
-        "targets_BxT": ro.targets_BxT, "response_mask_BxN": ro.response_mask_BxN,
-    }
-    if old_logps == "sampler":
-      batch["old_logps_BxN"] = ro.sampler_logps_BxN
-    elif old_logps == "recompute":
-      logps_fn = logps_fn or make_logps_fn(policy_graphdef, num_n, logprob_chunk_size=logprob_chunk_size)
-      batch["old_logps_BxN"] = np.asarray(jax.device_get(logps_fn(params_of_state(state), put_batch(batch))))
-      batch["sampler_logps_BxN"] = ro.sampler_logps_BxN  # for rollout-mismatch correction
-    else:
-      raise ValueError(f"old_logps={old_logps!r}; valid choices: ('sampler', 'recompute')")
-    if ref_params is not None:
-      ref_fn = ref_fn or make_logps_fn(policy_graphdef, num_n, logprob_chunk_size=logprob_chunk_size)
-      ref = ref_params(state) if callable(ref_params) else ref_params
-      batch["ref_logps_BxN"] = np.asarray(jax.device_get(ref_fn(ref, put_batch(batch))))
-    if batch_fn is not None:
-      state, batch = batch_fn(state, batch, rewards, ro)
-    else:
-      batch["advantages_BxN"] = np.asarray(advantage_fn(rewards, ro.response_mask_BxN, ro.group_ids_B), np.float32)
-    if sample_weight_fn is not None:
-      weights = np.asarray(sample_weight_fn(rewards, ro.group_ids_B), np.float32)
-      batch["response_mask_BxN"] = batch["response_mask_BxN"] * weights[:, None]
-    t1 = time.perf_counter()
-    step_metrics = []
-    for mb in minibatches(batch, num_minibatches=num_minibatches, epochs=epochs, seed=seed + it):
-      state, m = step_fn(state, put_batch(mb))
-      step_metrics.append(m)
-    step_metrics = jax.device_get(step_metrics)
-    t_train = time.perf_counter() - t1
-    tokens = float(ro.response_mask_BxN.sum())
-    metrics = {k: float(np.mean([np.asarray(m[k]) for m in step_metrics])) for k in step_metrics[0]}
-    metrics.update(group_stats(rewards, ro.group_ids_B))
-    metrics.update(response_length=float(ro.response_mask_BxN.sum(-1).mean()),
-                   sample_tokens_per_sec=tokens / max(t_sample, 1e-9),
-                   samples_per_sec=len(rewards) / max(t_sample, 1e-9),
-                   train_tokens_per_sec=epochs * float(ro.attention_mask_BxT.sum()) / max(t_train, 1e-9))
-    if float(np.max([np.asarray(m["nonfinite_streak"]) for m in step_metrics])) >= 10:
-      raise RuntimeError(f"iteration {it}: 10 consecutive non-finite updates")
-    last = writer.write(it + 1, metrics)
-    if eval_fn is not None and eval_every and (it + 1) % eval_every == 0:
-      last.update(writer.write(it + 1, eval_fn(state), prefix="eval/"))
-    if checkpointer is not None and checkpoint_every and (it + 1) % checkpoint_every == 0:
-      checkpointer.save(it + 1, state, {"iteration": it + 1})
-    done = it + 1
-    if bar is not None:
-      bar.update(1)
-      bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
-  stop.__exit__()
+        ids, pmask = left_pad(prompts, pad_id=pad_id, length=prompt_length)
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), it * 1000 + attempt)
+        sample_params = params_of_state(state)
+        if sample_shardings is not None:
+          sample_params = jax.device_put(sample_params, sample_shardings)
+        ro = rollout_fn(sample_params, ids, pmask, rng, group_ids)
+        rewards = np.asarray(reward_fn(prompts, ro.tokens_BxN, ro.response_mask_BxN.sum(-1)), np.float32)
+        if dynamic_sampling_max_tries <= 0:
+          keep_rollouts = [(ro, rewards)]
+          break
+        keep_rollouts.append((ro, rewards))
+        stats = group_stats(rewards, ro.group_ids_B)
+        if stats["zero_variance_groups"] == 0.0:
+          break
+      if dynamic_sampling_max_tries > 0:
+        ro, rewards = _select_informative_groups(keep_rollouts)
+      else:
+        ro, rewards = keep_rollouts[0]
+      t_sample = time.perf_counter() - t0
+      num_n = ro.tokens_BxN.shape[1]
+      batch = {
+          "input_ids_BxT": ro.input_ids_BxT, "attention_mask_BxT": ro.attention_mask_BxT,
+          "targets_BxT": ro.targets_BxT, "response_mask_BxN": ro.response_mask_BxN,
+      }
+      if old_logps == "sampler":
+        batch["old_logps_BxN"] = ro.sampler_logps_BxN
+      elif old_logps == "recompute":
+        logps_fn = logps_fn or make_logps_fn(policy_graphdef, num_n, logprob_chunk_size=logprob_chunk_size)
+        batch["old_logps_BxN"] = np.asarray(jax.device_get(logps_fn(params_of_state(state), put_batch(batch))))
+        batch["sampler_logps_BxN"] = ro.sampler_logps_BxN  # for rollout-mismatch correction
+      else:
+        raise ValueError(f"old_logps={old_logps!r}; valid choices: ('sampler', 'recompute')")
+      if ref_params is not None:
+        ref_fn = ref_fn or make_logps_fn(policy_graphdef, num_n, logprob_chunk_size=logprob_chunk_size)
+        ref = ref_params(state) if callable(ref_params) else ref_params
+        batch["ref_logps_BxN"] = np.asarray(jax.device_get(ref_fn(ref, put_batch(batch))))
+      if batch_fn is not None:
+        state, batch = batch_fn(state, batch, rewards, ro)
+      else:
+        batch["advantages_BxN"] = np.asarray(advantage_fn(rewards, ro.response_mask_BxN, ro.group_ids_B), np.float32)
+      if sample_weight_fn is not None:
+        weights = np.asarray(sample_weight_fn(rewards, ro.group_ids_B), np.float32)
+        batch["response_mask_BxN"] = batch["response_mask_BxN"] * weights[:, None]
+      t1 = time.perf_counter()
+      step_metrics = []
+      for mb in minibatches(batch, num_minibatches=num_minibatches, epochs=epochs, seed=seed + it):
+        state, m = step_fn(state, put_batch(mb))
+        step_metrics.append(m)
+      step_metrics = jax.device_get(step_metrics)
+      t_train = time.perf_counter() - t1
+      tokens = float(ro.response_mask_BxN.sum())
+      metrics = {k: float(np.mean([np.asarray(m[k]) for m in step_metrics])) for k in step_metrics[0]}
+      metrics.update(group_stats(rewards, ro.group_ids_B))
+      metrics.update(response_length=float(ro.response_mask_BxN.sum(-1).mean()),
+                     sample_tokens_per_sec=tokens / max(t_sample, 1e-9),
+                     samples_per_sec=len(rewards) / max(t_sample, 1e-9),
+                     train_tokens_per_sec=epochs * float(ro.attention_mask_BxT.sum()) / max(t_train, 1e-9))
+      streak = int(max(int(np.asarray(m.get("nonfinite_streak", 0))) for m in step_metrics))
+      if streak >= max_nonfinite_streak:
+        bad = [k for k, v in metrics.items() if not np.isfinite(v)]
+        raise NonFiniteError(
+            f"iteration {it + 1}: {streak} consecutive updates skipped as non-finite "
+            f"(limit max_nonfinite_streak={max_nonfinite_streak}); non-finite metrics at this iteration: "
+            f"{bad or ['(gradients)']}")
+      skipped = int(sum(float(np.asarray(m.get("update_skipped", 0.0))) for m in step_metrics))
+      if skipped and main:
+        log.warning("iteration %d: %d of %d updates skipped as non-finite", it + 1, skipped, len(step_metrics))
+      last = writer.write(it + 1, metrics)
+      if eval_fn is not None and eval_every and (it + 1) % eval_every == 0:
+        last.update(writer.write(it + 1, eval_fn(state), prefix="eval/"))
+      if checkpointer is not None and checkpoint_every and (it + 1) % checkpoint_every == 0:
+        checkpointer.save(it + 1, state, {"iteration": it + 1})
+      done = it + 1
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
   preempted = done < num_iterations
   if checkpointer is not None and done > start:
     if checkpointer.latest_step() != done:
       checkpointer.save(done, state, {"iteration": done}, force=True)
     checkpointer.wait()
   if preempted and main:
-    log.warning("stopped by signal at iteration %d; checkpoint saved", done)
+    log.warning("stopped by signal at iteration %d%s", done,
+                "; checkpoint saved" if checkpointer is not None and done > start else "")
   if bar is not None:
     bar.close()
   writer.close()

@@ -39,10 +39,14 @@ class MetricWriter:
   """Writes scalar metrics to ``<workdir>/metrics.jsonl`` and TensorBoard events.
 
   Only the main process writes (``enabled=False`` on the others). Appending to
-  an existing JSONL keeps the history of a resumed run in one file; lines of
-  steps beyond the resume point are dropped first, so a resumed run's file reads
-  as one uninterrupted run. Metric names are made valid TensorBoard tags
-  (`metric_name`), the same in both sinks.
+  an existing JSONL keeps the history of a resumed run in one file. With
+  ``resume_step`` (the step the run continues from: a checkpoint's, or 0 for a
+  run starting from scratch) lines of steps beyond it are dropped first, and so
+  are earlier copies of a row written again for the same step (same step, same
+  metric names: a file left duplicated by an older run keeps the newest copy),
+  so the file reads as one uninterrupted run. ``resume_step=None`` appends as is.
+  Metric names are made valid TensorBoard tags (`metric_name`), the same in both
+  sinks.
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None):
@@ -53,10 +57,7 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     if resume_step is not None and os.path.exists(self.path):
-      kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-      with open(self.path, "w") as f:
-        for r in kept:
-          f.write(json.dumps(r) + "\n")
+      trim_jsonl(self.path, resume_step)
     self._file = open(self.path, "a")
     if tensorboard:
       from tensorboardX import SummaryWriter
@@ -89,6 +90,41 @@ class MetricWriter:
     self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def trim_jsonl(path: str, last_step: int) -> int:
+  """Rewrites a metrics JSONL as one run up to ``last_step``; returns the rows dropped.
+
+  Drops rows of steps beyond ``last_step`` and, of rows with the same step and the
+  same metric names, all but the last copy. A torn last line (a run killed while
+  writing it) is dropped too. Rewritten atomically.
+  """
+  rows, torn = [], 0
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        row = json.loads(line)
+      except ValueError:
+        torn += 1
+        continue
+      if isinstance(row, dict):
+        rows.append(row)
+  last = {}
+  for i, r in enumerate(rows):
+    last[(r.get("step", 0), tuple(sorted(r)))] = i
+  kept = [r for i, r in enumerate(rows)
+          if r.get("step", 0) <= last_step and last[(r.get("step", 0), tuple(sorted(r)))] == i]
+  dropped = len(rows) - len(kept) + torn
+  if dropped:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      for r in kept:
+        f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+  return dropped
 
 
 def read_jsonl(path: str) -> list[dict]:
