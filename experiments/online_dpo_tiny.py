@@ -75,6 +75,7 @@ def get_config(arg=None):
       tr_dpo_alpha=0.6, tr_dpo_every=16,
   ))
   c.eval = ml_collections.ConfigDict(dict(num_prompts=512, temperature=1.0, seed=12345, every=5))
+  c.resume_changed = ""  # "ok": resume although model/optimizer/data keys changed since the checkpoint
   c.checkpoint_every = 50
   if arg == "runlocal":
     c.sft.num_steps, c.online.num_iterations, c.eval.num_prompts = 600, 8, 256
@@ -84,6 +85,7 @@ def get_config(arg=None):
 
 
 CONFIG_HELP = {
+    "resume_changed": "ok: resume although model/optimizer/data keys changed since the checkpoint",
     "seed": "model init and sampling seed",
     "progress": "progress bars",
     "algorithm": f"online preset: {', '.join(op.ALGORITHMS)}",
@@ -187,6 +189,13 @@ def _preset(config) -> op.OnlineConfig:
 
 
 def main(config, workdir):
+  """Runs the stages in order; a stage stopped by SIGTERM/SIGINT ends the run with its (preempted) result
+  (``python -m rlhf_jax.run`` exits 143/130), and the next run resumes stage by stage."""
+  with loop._StopFlag():  # a signal between stages stops the next stage before its first step
+    return _run(config, workdir)
+
+
+def _run(config, workdir):
   """SFT (stage 1, resumable), then the online loop of ``config.algorithm`` (stage 2); writes ``result.json``."""
   mesh = parallel.make_mesh(dict(config.mesh))
   d, o = config.data, config.online

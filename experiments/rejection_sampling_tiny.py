@@ -68,6 +68,7 @@ from rlhf_jax.train import iterative, loop, optim, rejection, sft, state as stat
 METHODS = ("raft", "rest", "superhf", "sharpening")
 
 CONFIG_HELP = {
+    "resume_changed": "ok: resume although model/optimizer/data keys changed since the checkpoint",
     "method": f"one of {METHODS}",
     "rs.num_samples": "K, samples per prompt (best-of-K)",
     "rs.min_score": "raft/superhf: a prompt's best sample is kept only with at least this score",
@@ -95,6 +96,7 @@ def get_config(arg=None):
       kl_coef=0.1, kl_estimator="k3", length_normalize=False,
   ))
   c.eval = ml_collections.ConfigDict(dict(num_prompts=256, every=5))
+  c.resume_changed = ""  # "ok": resume although model/optimizer/data keys changed since the checkpoint
   c.checkpoint_every = 0
   if arg == "runlocal":
     c.rs.num_iterations, c.eval.every = 6, 3
@@ -129,6 +131,13 @@ def make_greedy_accuracy(graphdef, task, prompts, max_new_tokens):
 
 
 def main(config, workdir):
+  """Runs the stages in order; a stage stopped by SIGTERM/SIGINT ends the run with its (preempted) result
+  (``python -m rlhf_jax.run`` exits 143/130), and the next run resumes stage by stage."""
+  with loop._StopFlag():  # a signal between stages stops the next stage before its first step
+    return _run(config, workdir)
+
+
+def _run(config, workdir):
   if config.method not in METHODS:
     raise ConfigError(f"config.method={config.method!r}; valid: {METHODS}")
   if config.rs.top_fraction > 0 and config.method not in ("raft", "superhf"):

@@ -306,8 +306,9 @@ def _experiment(name, tmp_path, sft_dir, overrides=()):
 
 def test_online_dpo_learns_and_beats_offline_dpo_on_as_many_pairs(tmp_path, sft_dir):
   """The online/offline gap at small scale (measured at runlocal: ascending 0.34 -> 0.52 online, -> 0.43 offline)."""
-  _, on = _experiment("online_dpo_tiny.py", tmp_path / "online", sft_dir)
-  _, off = _experiment("online_dpo_tiny.py", tmp_path / "offline", sft_dir, [("online.source", "reference")])
+  once = [("eval.every", "100")]  # evaluate after the last iteration only (training does not depend on it)
+  _, on = _experiment("online_dpo_tiny.py", tmp_path / "online", sft_dir, once)
+  _, off = _experiment("online_dpo_tiny.py", tmp_path / "offline", sft_dir, [*once, ("online.source", "reference")])
   assert on["headline"]["before"] == off["headline"]["before"]  # the same SFT model
   assert on["headline"]["after"] >= on["headline"]["before"] + 0.1, on["headline"]
   assert on["pairs_total"] <= off["pairs_total"] * 1.1, (on["pairs_total"], off["pairs_total"])
@@ -323,6 +324,6 @@ def test_spin_raises_the_gold_margin_over_its_own_samples(tmp_path, sft_dir):
 
 
 def test_nash_md_raises_its_win_rate_against_the_reference(tmp_path, sft_dir):
-  _, r = _experiment("nash_md_tiny.py", tmp_path, sft_dir)
+  _, r = _experiment("nash_md_tiny.py", tmp_path, sft_dir, [("eval.every", "100")])
   assert r["win_rate_vs_sft"] > 0.55, r  # 0.5 at the start: the policy is the reference
   assert r["headline"]["after"] > r["headline"]["before"], r["headline"]
