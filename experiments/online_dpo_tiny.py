@@ -49,7 +49,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from rlhf_jax import data, models, parallel, sampling
+from rlhf_jax import data, models, parallel
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.data import preference as pref_data
 from rlhf_jax.errors import ConfigError

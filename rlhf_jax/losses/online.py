@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.losses.dpo import _check_positive, _concrete_scalar
 from rlhf_jax.losses.registry import register
 from rlhf_jax.ops import _checks
 
@@ -53,19 +54,6 @@ XPO_LOSS_TYPES = ("sigmoid", "ipo")
 NASH_MD_KL_FORMS = ("token", "sequence")
 
 # ----------------------------------------------------------------------------- checks
-
-
-def _concrete_scalar(x) -> float | None:
-  """Returns ``x`` as a float when it is a scalar known at trace time, else None."""
-  if isinstance(x, jax.core.Tracer) or np.ndim(x) != 0:
-    return None
-  return float(x)
-
-
-def _check_positive(x, name: str) -> None:
-  v = _concrete_scalar(x)
-  if v is not None and not v > 0:
-    raise ValueError(f"`{name}` must be > 0; got {v}.")
 
 
 def _check_nonnegative(x, name: str) -> None:
