@@ -42,7 +42,7 @@ from flax import nnx
 from rlhf_jax import advantages as adv_lib
 from rlhf_jax import losses as losses_lib
 from rlhf_jax import sampling
-from rlhf_jax.train import evaluation, online, recipe, reward_fns as reward_lib
+from rlhf_jax.train import evaluation, online, recipe
 
 CONFIG_HELP = {
     **recipe.SHARED_HELP,
@@ -70,11 +70,7 @@ CONFIG_HELP = {
     "num_minibatches": "optimizer steps per pass (the samples are split into this many minibatches)",
     "old_logps": "sampler (the sampler's log-probs) or recompute (the trainer's forward)",
     "dynamic_sampling_max_tries": "DAPO dynamic sampling: redraw groups with identical rewards up to N times (0 = off)",
-    "reward.fns": "reward functions, FILE.py:NAME or module:NAME (batched TRL-style or per-row)",
-    "reward.weights": "weight of each reward function (empty: 1 each)",
-    "reward.model_path": "a reward_model run's workdir whose model scores prompt + completion (empty: none)",
-    "reward.model_weight": "weight of the reward model's score",
-    "reward.default": "reward of a completion a function failed on (exception, None, non-finite)",
+    **recipe.REWARD_HELP,
     "eval_sampling": "held-out evaluation decodes greedy or sampled (with the training temperature)",
     "log_samples": "sample completions written to samples.jsonl and TensorBoard at each evaluation",
     "critic.path": "ppo: initialise the critic from this reward_model run (empty: the policy with a fresh head)",
@@ -110,8 +106,7 @@ def get_config(arg=None):
   c.num_minibatches = 1
   c.old_logps = "sampler"
   c.dynamic_sampling_max_tries = 0
-  c.reward = ml_collections.ConfigDict(dict(fns=("rlhf_jax.rewards:math_reward",), weights=(), model_path="",
-                                            model_weight=1.0, default=0.0))
+  c.reward = recipe.reward_config()
   c.eval_sampling = "greedy"
   c.eval_batch_size = 32
   c.data.max_eval_examples = 64
@@ -151,8 +146,6 @@ def _check(config):
   if config.adv_estimator == "remax" and config.dynamic_sampling_max_tries:
     raise recipe.ConfigError("config.adv_estimator=remax scores a greedy baseline per sample: it does not combine "
                              "with config.dynamic_sampling_max_tries > 0")
-  if not config.reward.fns and not config.reward.model_path:
-    raise recipe.ConfigError("config.reward.fns and config.reward.model_path are both empty: nothing scores completions")
 
 
 def policy_hparams(config) -> dict:
@@ -174,55 +167,16 @@ def _processor(config):
   return sampling.processors.chain(*procs)
 
 
-def _last_user_text(messages) -> str:
-  users = [m["content"] for m in messages if m["role"] == "user"]
-  return users[-1] if users else messages[-1]["content"]
-
-
-def _fields(ex) -> dict:
-  if ex["kind"] == "prompt_answer":
-    return {"answer": ex["answer"], "solution": ex.get("solution", "")}
-  return dict(ex.get("fields", {}))
-
-
-def make_reward_model_scorer(path: str, tok, mesh, prompt_len: int):
-  """``score(prompt_token_lists, tokens_BxN, lengths_B) -> [B]``: a reward_model run's mean head output."""
-  from rlhf_jax.train import reward as reward_train
-
-  rm, rm_tok = recipe.load_run(path, merge=True, mesh=mesh)
-  if not rm.config.scalar_head_outputs:
-    raise recipe.ConfigError(f"config.reward.model_path={path!r} is not a reward_model run (no scalar head)")
-  if rm_tok.vocab_size != tok.vocab_size:
-    raise recipe.ConfigError(f"config.reward.model_path={path!r}: its tokenizer ({rm_tok.vocab_size} tokens) is not "
-                             f"the policy's ({tok.vocab_size})")
-  graphdef, params = nnx.split(rm)
-  score = jax.jit(lambda p, ids, mask: reward_train.sequence_rewards(nnx.merge(graphdef, p), ids, mask).mean(-1))
-
-  def scorer(prompts, tokens_BxN, lengths_B):
-    ids, pmask = sampling.left_pad(prompts, pad_id=tok.pad_id, length=prompt_len)
-    n = tokens_BxN.shape[1]
-    cmask = (np.arange(n)[None, :] < np.asarray(lengths_B)[:, None]).astype(np.int32)
-    seq = np.concatenate([ids, np.where(cmask > 0, tokens_BxN, tok.pad_id)], 1).astype(np.int32)
-    mask = np.concatenate([pmask, cmask], 1).astype(np.int32)
-    return np.asarray(jax.device_get(score(params, seq, mask)), np.float32)
-
-  return scorer
-
-
 def main(config, workdir):
   _check(config)
   data = recipe.load_data(config, allowed_kinds=("prompt", "prompt_answer"), workdir=workdir,
                           generate=lambda split, n: recipe.demo_rows("prompt", split, n, seed=config.seed))
-  rewards = reward_lib.load_reward_fns(config.reward.fns, config.reward.weights, default=config.reward.default)
-  columns = set(_fields(data.train[0]))
-  for fn in rewards.fns:
-    fn.check_fields(columns)
+  rewards = recipe.load_rewards(config, data)
   recipe.check_lengths(config)
   prompt_len, max_new = int(config.max_prompt_len), int(config.max_len - config.max_prompt_len)
   mesh = recipe.make_mesh(config.mesh)
   model, tok, info = recipe.build_model(config, mesh)
-  rm_scorer = make_reward_model_scorer(config.reward.model_path, tok, mesh, prompt_len) if config.reward.model_path \
-      else None
+  rewards.attach(tok, mesh, prompt_len)
   iters = recipe.num_train_steps(config, len(data.train))
   tx, schedule = recipe.make_optimizer(config, iters * config.ppo_epochs * config.num_minibatches)
   ppo_mode = config.algorithm == "ppo"
@@ -271,15 +225,8 @@ def main(config, workdir):
                                    eos_id=tok.eos_id, pad_id=tok.pad_id)
 
   # Prompts: tokenised once (the chat template's generation prompt; truncation policy of the config).
-  kw = recipe.tokenize_kwargs(config, tok, data.token_stats)
-  kw.pop("max_len")
-
-  def prompt_tokens(examples, stats):
-    batch = tokenize.tokenize_prompts(examples, tok, **{**kw, "stats": stats})
-    return [row[m > 0].tolist() for row, m in zip(batch["prompt_ids_BxP"], batch["prompt_mask_BxP"])]
-
-  train_tokens = prompt_tokens(data.train, data.token_stats)
-  eval_tokens = prompt_tokens(data.eval, tokenize.new_token_stats())
+  train_tokens = recipe.prompt_tokens(config, tok, data.train, data.token_stats)
+  eval_tokens = recipe.prompt_tokens(config, tok, data.eval, tokenize.new_token_stats())
   g, p = int(config.group_size), int(config.batch_size)
   if len(data.train) < p:
     raise recipe.UserError(f"config.batch_size={p} exceeds the {len(data.train)} training prompts")
@@ -293,27 +240,8 @@ def main(config, workdir):
     current["examples"] = [data.train[i] for i in idx for _ in range(g)]
     return [train_tokens[i] for i in idx for _ in range(g)], np.repeat(np.arange(p), g)
 
-  failures = {fn.name: 0 for fn in rewards.fns}
-
-  def score(examples, prompts, tokens_BxN, lengths_B):
-    texts = [tok.decode(t[: int(n)].tolist(), skip_special_tokens=True) for t, n in zip(tokens_BxN, lengths_B)]
-    prompt_texts = [_last_user_text(ex["prompt"]) for ex in examples]
-    fields = {}
-    for ex in examples:
-      for k, v in _fields(ex).items():
-        fields.setdefault(k, []).append(v)
-    fields = {k: v for k, v in fields.items() if len(v) == len(examples)}
-    fields["prompt_messages"] = [ex["prompt"] for ex in examples]
-    total, parts, failed = rewards(texts, prompt_texts, fields)
-    for k, v in failed.items():
-      failures[k] += v
-    if rm_scorer is not None:
-      parts["reward_model"] = rm_scorer(prompts, tokens_BxN, lengths_B)
-      total = total + float(config.reward.model_weight) * parts["reward_model"]
-    return total, parts, texts
-
   def reward_fn(prompts, tokens_BxN, lengths_B):
-    return score(current["examples"], prompts, tokens_BxN, lengths_B)[0]
+    return rewards(current["examples"], prompts, tokens_BxN, lengths_B)[0]
 
   estimator = adv_lib.get(config.adv_estimator)
 
@@ -339,10 +267,10 @@ def main(config, workdir):
                                         eos_id=tok.eos_id, pad_id=tok.pad_id)
   held_out = evaluation.make_generation_eval(
       eval_rollout, eval_tokens,
-      lambda idx, prompts, tokens, lengths: score([data.eval[i] for i in idx], prompts, tokens, lengths),
+      lambda idx, prompts, tokens, lengths: rewards([data.eval[i] for i in idx], prompts, tokens, lengths),
       batch_size=int(config.eval_batch_size), prompt_length=prompt_len, pad_id=tok.pad_id, seed=config.seed + 99)
   samples = evaluation.SampleLog(workdir, num_samples=int(config.log_samples))
-  eval_prompts = [_last_user_text(ex["prompt"]) for ex in data.eval]
+  eval_prompts = [recipe.last_user_text(ex["prompt"]) for ex in data.eval]
 
   def evaluate(s, step_index):
     metrics, texts, rewards_B = held_out(state_params(s))
@@ -354,7 +282,7 @@ def main(config, workdir):
 
   def eval_fn(s):
     m = evaluate(s, int(jax.device_get(s.step)) // steps_per_iteration)
-    m.update({f"{k}_failures": float(v) for k, v in failures.items()})
+    m.update(rewards.failure_metrics())
     return m
 
   from rlhf_jax.checkpoint import Checkpointer
@@ -379,7 +307,7 @@ def main(config, workdir):
   if res.preempted:
     return res
   after = evaluate(res.state, res.end)
-  after.update({f"{k}_failures": float(v) for k, v in failures.items()})
+  after.update(rewards.failure_metrics())
   paths = recipe.export(config, graphdef if not ppo_mode else policy_graphdef,
                         res.state if not ppo_mode else res.state._replace(params=res.state.params["policy"]),
                         tok, info=info)
@@ -390,5 +318,5 @@ def main(config, workdir):
       workdir, metric="reward_mean", before=before, after=after, res=out, paths=paths,
       extra={"model": info["source"], "data_format": data.format, "algorithm": config.algorithm,
              "num_train_prompts": len(data.train), "num_eval_prompts": len(data.eval),
-             "reward_failures": dict(failures), "token_stats": dict(data.token_stats)})
+             "reward_failures": dict(rewards.failures), "token_stats": dict(data.token_stats)})
   return out

@@ -408,14 +408,19 @@ def make_preference_data(
     logps_fn: from :func:`make_sequence_logps_fn`, for the precomputed log-probs.
     seq_len: row length (prompt + completion must fit).
     ref_params: the fixed reference's parameters (``reference="fixed"``, ``source`` or
-      ``opponent`` ``reference`` / ``mixture``, INPO, the implicit-reward judge).
+      ``opponent`` ``reference`` / ``mixture``, INPO, the implicit-reward judge), or a
+      function ``ref_params(state) -> params`` (e.g. a LoRA state's frozen base, read from
+      the current state because the step donates it).
     state_params_fn: the policy's parameters in a state (e.g. LoRA adapters merged
       with their base).
     seed: sampling is seeded by ``(seed, iteration)``: a regenerated iteration is identical.
     decode: tokens -> text for the logged samples.
   """
+  fixed_ref = ref_params
+
   def make_data(state, it: int) -> IterationData:
     policy = state_params_fn(state)
+    ref_params = fixed_ref(state) if callable(fixed_ref) else fixed_ref
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), it)
     k_sample, k_opp, k_rso = jax.random.split(rng, 3)
     prompts, golds = prompts_fn(it)

@@ -21,6 +21,9 @@ pieces, so that an experiment file reads as its algorithm:
   ``eval_every`` steps), then :func:`export` (``export.hf_dir``: a merged Hugging Face
   directory; ``export.adapter_dir``: PEFT's adapter files) and :func:`finish` (``result.json``
   with its headline and the human summary).
+* :func:`load_rewards` (an :class:`OnlineRewards`: ``reward.fns`` on decoded completions plus a
+  ``reward.model_path`` run's score), :func:`prompt_tokens`, :func:`row_fields`: the judge and
+  the prompts of the online recipes (``grpo.py``, ``dpo.py --config.online=true``).
 
 Everything a user can get wrong (a missing file, an unknown format, a bad model path, a loss
 that does not fit the data) raises :class:`rlhf_jax.errors.UserError` naming the key.
@@ -665,3 +668,141 @@ def final_eval(res, eval_fn) -> dict:
   if res.eval_metrics:
     return {k[len("eval/"):]: v for k, v in res.eval_metrics.items() if k.startswith("eval/")}
   return eval_fn(res.state)
+
+
+# ----------------------------------------------------------------------------- online recipes: prompts and rewards
+
+REWARD_HELP: dict[str, str] = {
+    "reward.fns": "reward functions, FILE.py:NAME or module:NAME (batched TRL-style or per-row)",
+    "reward.weights": "weight of each reward function (empty: 1 each)",
+    "reward.model_path": "a reward_model run's workdir whose model scores prompt + completion (empty: none)",
+    "reward.model_weight": "weight of the reward model's score",
+    "reward.default": "reward of a completion a function failed on (exception, None, non-finite)",
+}
+
+
+def reward_config(fns: Sequence[str] = ("rlhf_jax.rewards:math_reward",)) -> ml_collections.ConfigDict:
+  """The ``reward.*`` section of the online recipes (meanings in :data:`REWARD_HELP`)."""
+  return ml_collections.ConfigDict(dict(fns=tuple(fns), weights=(), model_path="", model_weight=1.0, default=0.0))
+
+
+def last_user_text(messages) -> str:
+  """The prompt as a reward function sees it: the last user turn's text."""
+  users = [m["content"] for m in messages if m["role"] == "user"]
+  return users[-1] if users else messages[-1]["content"]
+
+
+def row_fields(ex) -> dict:
+  """The columns a reward function gets for one example: a ``prompt`` row's extra columns, GSM8K's
+  ``answer`` / ``solution``; none for a preference pair (its chosen / rejected are not passed)."""
+  if ex["kind"] == "prompt_answer":
+    return {"answer": ex["answer"], "solution": ex.get("solution", "")}
+  if ex["kind"] == "prompt":
+    return dict(ex.get("fields", {}))
+  return {}
+
+
+def prompt_tokens(config, tok, examples: Sequence[dict], stats) -> list[list[int]]:
+  """Each example's prompt as generation-ready tokens (the chat template's generation prompt, the
+  config's truncation policy, at most ``max_prompt_len``); a pair's prompt for a ``pair`` example."""
+  from rlhf_jax.data import tokenize
+
+  kw = tokenize_kwargs(config, tok, stats)
+  kw.pop("max_len")
+  as_prompt = [ex if ex["kind"] in ("prompt", "prompt_answer") else
+               {"kind": "prompt", "prompt": ex["prompt"], "fields": {}, "source": ex.get("source", "?")}
+               for ex in examples]
+  batch = tokenize.tokenize_prompts(as_prompt, tok, **kw)
+  return [row[m > 0].tolist() for row, m in zip(batch["prompt_ids_BxP"], batch["prompt_mask_BxP"])]
+
+
+def make_reward_model_scorer(path: str, tok, mesh, prompt_len: int):
+  """``score(prompt_token_lists, tokens_BxN, lengths_B) -> [B]``: a reward_model run's mean head output."""
+  from rlhf_jax import sampling
+  from rlhf_jax.train import reward as reward_train
+
+  rm, rm_tok = load_run(path, merge=True, mesh=mesh)
+  if not rm.config.scalar_head_outputs:
+    raise ConfigError(f"config.reward.model_path={path!r} is not a reward_model run (no scalar head)")
+  if rm_tok.vocab_size != tok.vocab_size:
+    raise ConfigError(f"config.reward.model_path={path!r}: its tokenizer ({rm_tok.vocab_size} tokens) is not "
+                      f"the policy's ({tok.vocab_size})")
+  graphdef, params = nnx.split(rm)
+  score = jax.jit(lambda p, ids, mask: reward_train.sequence_rewards(nnx.merge(graphdef, p), ids, mask).mean(-1))
+
+  def scorer(prompts, tokens_BxN, lengths_B):
+    ids, pmask = sampling.left_pad(prompts, pad_id=tok.pad_id, length=prompt_len)
+    n = tokens_BxN.shape[1]
+    cmask = (np.arange(n)[None, :] < np.asarray(lengths_B)[:, None]).astype(np.int32)
+    seq = np.concatenate([ids, np.where(cmask > 0, tokens_BxN, tok.pad_id)], 1).astype(np.int32)
+    mask = np.concatenate([pmask, cmask], 1).astype(np.int32)
+    return np.asarray(jax.device_get(score(params, seq, mask)), np.float32)
+
+  return scorer
+
+
+class OnlineRewards:
+  """The judge of the online recipes (``grpo.py``, ``dpo.py --config.online=true``): the weighted
+  ``reward.fns`` on decoded texts plus ``reward.model_weight`` × a ``reward.model_path`` run's score.
+
+  Made by :func:`load_rewards` before the model loads (a function that needs a column the data
+  lacks is a ConfigError then); :meth:`attach` loads the reward model once the tokenizer is known.
+  ``rewards(examples, prompts, tokens_BxN, lengths_B) -> (total_B, {name: values_B}, texts)`` scores
+  completions (right-padded, ``lengths_B`` tokens each) of the prompt rows ``examples`` whose
+  tokens are ``prompts``; :meth:`score_completions` takes a list of 1-D completions instead.
+  Failures of the functions are counted in ``failures`` (``{name: count}``).
+  """
+
+  def __init__(self, fns, *, model_path: str = "", model_weight: float = 1.0):
+    self.fns, self.model_path, self.model_weight = fns, str(model_path), float(model_weight)
+    self.failures = {fn.name: 0 for fn in fns.fns}
+    self._tok = self._rm = None
+
+  def attach(self, tok, mesh, prompt_len: int) -> "OnlineRewards":
+    self._tok = tok
+    if self.model_path:
+      self._rm = make_reward_model_scorer(self.model_path, tok, mesh, prompt_len)
+    return self
+
+  def failure_metrics(self) -> dict[str, float]:
+    return {f"{k}_failures": float(v) for k, v in self.failures.items()}
+
+  def __call__(self, examples, prompts, tokens_BxN, lengths_B):
+    tok = self._tok
+    texts = [tok.decode(t[: int(n)].tolist(), skip_special_tokens=True) for t, n in zip(tokens_BxN, lengths_B)]
+    prompt_texts = [last_user_text(ex["prompt"]) for ex in examples]
+    fields: dict[str, list] = {}
+    for ex in examples:
+      for k, v in row_fields(ex).items():
+        fields.setdefault(k, []).append(v)
+    fields = {k: v for k, v in fields.items() if len(v) == len(examples)}
+    fields["prompt_messages"] = [ex["prompt"] for ex in examples]
+    total, parts, failed = self.fns(texts, prompt_texts, fields)
+    for k, v in failed.items():
+      self.failures[k] += v
+    if self._rm is not None:
+      parts["reward_model"] = self._rm(prompts, tokens_BxN, lengths_B)
+      total = total + self.model_weight * parts["reward_model"]
+    return total, parts, texts
+
+  def score_completions(self, examples, prompts, completions) -> np.ndarray:
+    """``[M]`` total rewards of 1-D token arrays ``completions`` (EOS included) answering ``examples``."""
+    lengths = np.asarray([len(c) for c in completions], np.int32)
+    tokens = np.full((len(completions), max(int(lengths.max(initial=0)), 1)), self._tok.pad_id, np.int32)
+    for i, c in enumerate(completions):
+      tokens[i, : len(c)] = np.asarray(c)
+    return self(examples, [list(np.asarray(p).tolist()) for p in prompts], tokens, lengths)[0]
+
+
+def load_rewards(config, data: Data) -> OnlineRewards:
+  """The ``reward.*`` judge checked against the data's columns, before any model is loaded."""
+  from rlhf_jax.train import reward_fns as reward_lib
+
+  r = config.reward
+  if not r.fns and not r.model_path:
+    raise ConfigError("config.reward.fns and config.reward.model_path are both empty: nothing scores completions")
+  fns = reward_lib.load_reward_fns(r.fns, r.weights, default=r.default)
+  columns = set(row_fields(data.train[0]))
+  for fn in fns.fns:
+    fn.check_fields(columns)
+  return OnlineRewards(fns, model_path=r.model_path, model_weight=r.model_weight)
