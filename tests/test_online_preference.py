@@ -166,9 +166,10 @@ def test_iteration_data_per_algorithm(tiny):
   assert 0.0 <= n.metrics["win_rate_vs_opponent"] <= 1.0
 
 
-@pytest.mark.parametrize("algorithm", sorted(op.ALGORITHMS))
+# One preset per objective and data path (the other dpo presets' rows are checked in test_iteration_data_per_algorithm).
+@pytest.mark.parametrize("algorithm", ["online_dpo", "rso", "dno", "xpo", "inpo", "nash_md", "egpo"])
 def test_every_preset_trains_its_objective(tiny, algorithm):
-  """Each preset's rows feed its objective: a finite loss with a non-zero gradient."""
+  """Each objective trains on its preset's rows: a finite loss with a non-zero gradient."""
   graphdef, params, _ = tiny
   judge = None
   if algorithm in ("dno", "nash_md"):
