@@ -394,12 +394,10 @@ def main_online(config, workdir):
   logps_fn = op.make_sequence_logps_fn(policy_graphdef, chunk=max(int(config.eval_batch_size), 1))
   decode = lambda ids: tok.decode(np.asarray(ids).tolist(), skip_special_tokens=True)
 
-  def make_data(s, it):
-    # Built per iteration: under LoRA the reference is the current state's frozen base.
-    return op.make_preference_data(cfg, prompts_fn=prompts_fn, sampler=sampler, judge=judge, logps_fn=logps_fn,
-                                   seq_len=max_len, ref_params=reference_of(s), state_params_fn=state_params,
-                                   seed=config.seed, pad_id=tok.pad_id, prompt_length=prompt_len,
-                                   decode=decode)(s, it)
+  # The reference is read from the current state (under LoRA its frozen base: the step donates the state).
+  make_data = op.make_preference_data(cfg, prompts_fn=prompts_fn, sampler=sampler, judge=judge, logps_fn=logps_fn,
+                                      seq_len=max_len, ref_params=reference_of, state_params_fn=state_params,
+                                      seed=config.seed, pad_id=tok.pad_id, prompt_length=prompt_len, decode=decode)
 
   # Held-out: the policy's mean judge reward and its win rate against the initial model (one sample per
   # prompt, the same key every time; a tie counts half). The first call samples the initial model.
