@@ -144,7 +144,7 @@ def make_best_of_n_fn(
   return best_of_n
 
 
-def completion_rows(prompt_ids_BxP, prompt_mask_BxP, tokens_BKxN, mask_BKxN, prompt_index_BK):
+def scoring_rows(prompt_ids_BxP, prompt_mask_BxP, tokens_BKxN, mask_BKxN, prompt_index_BK):
   """``(input_ids, attention_mask)`` of ``[left-padded prompt | completion]`` for each sample (NumPy)."""
   ids = np.concatenate([np.asarray(prompt_ids_BxP)[prompt_index_BK], np.asarray(tokens_BKxN)], axis=1)
   mask = np.concatenate([np.asarray(prompt_mask_BxP)[prompt_index_BK], np.asarray(mask_BKxN)], axis=1)
@@ -174,7 +174,7 @@ def reward_model_scorer(rm_graphdef: nnx.GraphDef, *, head: int | None = 0):
   def scorer(rm_params, prompt_ids_BxP, prompt_mask_BxP) -> ScoreFn:
     def score_fn(tokens_BKxN, mask_BKxN, lengths_BK, prompt_index_BK):
       del lengths_BK
-      ids, mask = completion_rows(prompt_ids_BxP, prompt_mask_BxP, tokens_BKxN, mask_BKxN, prompt_index_BK)
+      ids, mask = scoring_rows(prompt_ids_BxP, prompt_mask_BxP, tokens_BKxN, mask_BKxN, prompt_index_BK)
       return np.asarray(jax.device_get(rewards(rm_params, ids, mask)))
 
     return score_fn

@@ -158,14 +158,15 @@ class PreferenceJudge:
     b, k = len(prompts), len(samples[0])
     if k < 2:
       raise ValueError("a pairwise judge needs at least 2 samples per prompt to score them")
+    from rlhf_jax.losses.online import preference_win_rates
+
     idx = [(i, x, y) for i in range(b) for x in range(k) for y in range(x + 1, k)]
     p = self.preference([prompts[i] for i, _, _ in idx], [samples[i][x] for i, x, _ in idx],
                         [samples[i][y] for i, _, y in idx])
-    wins = np.zeros((b, k), np.float32)
-    for (i, x, y), pxy in zip(idx, p):
-      wins[i, x] += pxy
-      wins[i, y] += 1.0 - pxy
-    return wins / (k - 1)
+    p_bxkxk = np.full((b, k, k), 0.5, np.float32)
+    for (i, x, y), pxy in zip(idx, p):  # one question per unordered pair: P(y ≻ x) = 1 − P(x ≻ y)
+      p_bxkxk[i, x, y], p_bxkxk[i, y, x] = pxy, 1.0 - pxy
+    return np.asarray(preference_win_rates(jnp.asarray(p_bxkxk)))
 
 
 # ----------------------------------------------------------------------------- pairing

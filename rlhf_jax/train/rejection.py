@@ -47,7 +47,7 @@ from rlhf_jax import ops
 from rlhf_jax.losses.kl import kl_penalty
 from rlhf_jax.losses.sft import sft_loss
 from rlhf_jax.rewards.multi_objective import direction_from_angle, dpa_direction_reward
-from rlhf_jax.sampling.best_of_n import completion_rows
+from rlhf_jax.sampling.best_of_n import scoring_rows
 from rlhf_jax.sampling.generate import left_pad
 from rlhf_jax.train.iterative import IterationData, IterationStore
 
@@ -268,7 +268,7 @@ def self_reward_scorer(graphdef: nnx.GraphDef, *, length_normalize: bool = False
       n = int(np.shape(tokens_BKxN)[1])
       if n not in fns:
         fns[n] = make_logps_fn(graphdef, n, logprob_chunk_size=logprob_chunk_size)
-      ids, mask = completion_rows(prompt_ids_BxP, prompt_mask_BxP, tokens_BKxN, mask_BKxN, prompt_index_BK)
+      ids, mask = scoring_rows(prompt_ids_BxP, prompt_mask_BxP, tokens_BKxN, mask_BKxN, prompt_index_BK)
       batch = {"input_ids_BxT": ids[:, :-1], "attention_mask_BxT": mask[:, :-1], "targets_BxT": ids[:, 1:]}
       logps = fns[n](base_params, batch)
       return np.asarray(jax.device_get(self_reward(logps, mask_BKxN, length_normalize=length_normalize)))
@@ -420,23 +420,15 @@ def sft_rows(prompts: Sequence, completions: Sequence, *, seq_len: int, pad_id: 
   Raises:
     ValueError: if a row has more than ``seq_len`` tokens or an empty prompt.
   """
-  b = len(prompts)
-  ids = np.full((b, seq_len), pad_id, np.int32)
-  loss_mask = np.zeros((b, seq_len), np.float32)
-  attn = np.zeros((b, seq_len), np.int32)
-  for i, (p, c) in enumerate(zip(prompts, completions)):
-    p, c = np.asarray(p, np.int32).reshape(-1), np.asarray(c, np.int32).reshape(-1)
-    if p.size == 0:
+  from rlhf_jax.train.online_preference import completion_rows as prompt_completion_rows
+
+  for i, p in enumerate(prompts):
+    if np.size(p) == 0:
       raise ValueError(f"row {i}: empty prompt")
-    n = p.size + c.size
-    if n > seq_len:
-      raise ValueError(f"row {i}: prompt {p.size} + completion {c.size} tokens exceed seq_len={seq_len}")
-    ids[i, :n] = np.concatenate([p, c])
-    loss_mask[i, p.size - 1:n - 1] = 1.0
-    attn[i, :n] = 1
-  targets = np.full_like(ids, pad_id)
-  targets[:, :-1] = ids[:, 1:]
-  return {"input_ids_BxT": ids, "targets_BxT": targets, "loss_mask_BxT": loss_mask, "attention_mask_BxT": attn}
+  rows = prompt_completion_rows([np.asarray(p, np.int32).reshape(-1) for p in prompts],
+                                [np.asarray(c, np.int32).reshape(-1) for c in completions], seq_len=seq_len,
+                                pad_id=pad_id)
+  return {f"{k}_BxT": v for k, v in rows.items()}
 
 
 def _as_prompt_batch(x) -> PromptBatch:
