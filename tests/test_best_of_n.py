@@ -156,3 +156,12 @@ def test_text_score_fn_with_a_user_reward_function(setup):
 def test_docstring_examples():
   result = doctest.testmod(bon_lib, verbose=False)
   assert result.failed == 0
+
+
+def test_decode_completions_cuts_at_the_length_and_drops_a_final_eos():
+  from rlhf_jax.sampling import decode_completions
+
+  tokens = np.array([[5, 6, 2, 0], [7, 2, 8, 0], [9, 9, 9, 9]])
+  got = decode_completions(tokens, np.array([3, 3, 4]), lambda ids: ",".join(map(str, ids)), eos_id=2)
+  assert got == ["5,6", "7,2,8", "9,9,9,9"]  # only a final EOS goes; a mid-sample 2 is kept
+  assert decode_completions(tokens[:1], np.array([3]), str) == ["[5, 6, 2]"]
