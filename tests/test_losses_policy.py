@@ -543,3 +543,87 @@ def test_trl_loss_type_mapping():
 def test_docstring_examples():
   result = doctest.testmod(policy, extraglobs={"jnp": jnp, "np": np, "math": math}, verbose=False)
   assert result.attempted > 0 and result.failed == 0
+
+
+# ----------------------------------------------------------------------------- float masks weigh once
+
+
+def _per_token_losses():
+  """Every per-token loss of the registry that takes a mask, as ``f(x, mask) -> [B, T]``.
+
+  ``x`` holds the inputs: log-probs, old log-probs, advantages, values, returns, logits.
+  """
+  out = {}
+  hp = {"clip_cov": dict(clip_cov_lb=1e9, clip_cov_ub=2e9),  # no detached tokens: deterministic
+        "kl_cov": dict(kl_cov_ratio=1.0)}  # every token penalised: independent of the count N
+  for name in losses.names():
+    if losses.info(name).kind == "policy":
+      fn = functools.partial(losses.get(name), **hp.get(name, {}))
+      out[name] = lambda x, m, fn=fn: fn(x["lp"], x["old"], x["adv"], m)
+  out["clipped_value"] = lambda x, m: losses.value.clipped_value_loss(x["v"], x["v_old"], x["ret"], m, clip_range=0.2)
+  out["hl_gauss_value"] = lambda x, m: losses.get("hl_gauss_value")(x["logits"], x["ret"], m, v_min=-3.0, v_max=3.0)
+  out["kl_loss"] = lambda x, m: losses.kl.kl_loss(x["lp"], x["old"], m)
+  out["entropy_bonus"] = lambda x, m: losses.get("entropy_bonus")(x["v"], m, coef=0.1)
+  out["nll"] = lambda x, m: losses.get("nll")(x["lp"], m)
+  out["prm_bce"] = lambda x, m: losses.get("prm_bce")(x["v"], (x["ret"] > 0).astype(jnp.float32), m)
+  out["dft"] = lambda x, m: losses.get("dft")(x["lp"], m)
+  out["a_lol_ref_free"] = lambda x, m: losses.get("a_lol_ref_free")(x["lp"], x["adv"], m)
+  out["a_lol"] = lambda x, m: losses.get("a_lol")(x["lp"], x["old"], x["adv"], m)
+  out["c_rlft"] = lambda x, m: losses.get("c_rlft")(x["lp"], m, x["adv"])
+  return out
+
+
+def _loss_inputs(b, t, rng):
+  lp = np.log(rng.uniform(0.05, 0.95, (b, t))).astype(np.float32)
+  return {"lp": lp, "old": (lp + rng.normal(0, 0.3, (b, t))).astype(np.float32),
+          "adv": rng.normal(size=b).astype(np.float32), "v": rng.normal(size=(b, t)).astype(np.float32),
+          "v_old": rng.normal(size=(b, t)).astype(np.float32), "ret": rng.normal(size=(b, t)).astype(np.float32),
+          "logits": rng.normal(size=(b, t, 6)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "token-sum"])
+def test_float_mask_weighs_each_token_once(aggregation):
+  """An integer weight k on a sequence counts as k copies of it: Σ w·l / Σ w, not Σ w²·l / Σ w.
+
+  Independent computation: the same sequences repeated k times with a 0/1 mask.
+  """
+  rng = np.random.default_rng(0)
+  x = _loss_inputs(B, T, rng)
+  binary = (rng.uniform(size=(B, T)) > 0.3).astype(np.float32)
+  binary[:, 0] = 1.0
+  copies = np.array([1, 2, 3, 0, 2])
+  weights = binary * copies[:, None].astype(np.float32)
+  rep = {k: np.repeat(v, copies, axis=0) for k, v in x.items()}
+  agg = ops.get_aggregation(aggregation)
+  for name, fn in _per_token_losses().items():
+    got = agg(fn(x, weights), weights)
+    want = agg(fn(rep, np.repeat(binary, copies, axis=0)), np.repeat(binary, copies, axis=0))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("aggregation", ["seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_float_token_weights_enter_sequence_aggregations_once(aggregation):
+  """Token weights w inside a sequence: the per-token loss does not carry w, the aggregation does.
+
+  For the token-local losses the loss under float weights equals the loss under the 0/1 mask, and
+  each aggregation equals its numpy formula with w applied once.
+  """
+  rng = np.random.default_rng(1)
+  x = _loss_inputs(B, T, rng)
+  weights = (rng.uniform(size=(B, T)) > 0.3) * rng.uniform(0.2, 2.0, (B, T)).astype(np.float32)
+  weights[3] = 0.0
+  keep = weights != 0
+  sequence_level = {"gspo", "geo_mean", "kimi_k15", "kl_cov", "clip_cov"}
+  for name, fn in _per_token_losses().items():
+    losses_w = np.asarray(fn(x, weights))
+    if name not in sequence_level:
+      np.testing.assert_allclose(losses_w, np.asarray(fn(x, keep.astype(np.float32))), rtol=1e-5, atol=1e-6,
+                                 err_msg=name)
+    n = weights.sum(-1)
+    sums = (weights * losses_w).sum(-1)
+    nonempty = n > 0
+    want = {"seq-mean-token-mean": np.mean(sums[nonempty] / n[nonempty]),
+            "seq-mean-token-sum": np.mean(sums[nonempty]),
+            "seq-mean-token-sum-norm": sums.sum() / T}[aggregation]
+    got = ops.get_aggregation(aggregation)(jnp.asarray(losses_w), weights)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6, err_msg=name)

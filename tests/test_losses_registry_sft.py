@@ -88,8 +88,12 @@ def test_sft_loss_matches_numpy_and_masks_garbage():
   np.testing.assert_allclose(got, want, atol=1e-6)
   # bool and float-weight masks
   np.testing.assert_allclose(sft_jit(logps, mask > 0), want, atol=1e-6)
-  weights = mask * 0.5
-  np.testing.assert_allclose(sft_jit(logps, weights), 0.5 * want, atol=1e-6)
+  # float weights select the same tokens; the aggregation (not the loss) applies them, once
+  weights = mask * rng.uniform(0.1, 2.0, size=mask.shape).astype(np.float32)
+  np.testing.assert_allclose(sft_jit(logps, weights), want, atol=1e-6)
+  nll = -np.where(mask != 0, logps, 0.0)
+  np.testing.assert_allclose(token_mean(sft_jit(logps, weights), weights),
+                             (weights * nll).sum() / weights.sum(), rtol=1e-6)
 
 
 def test_sft_loss_gradient_is_minus_mask():

@@ -152,8 +152,9 @@ def kl_loss(
 ) -> Array:
   """Per-token KL penalty to add to a policy loss (verl ``use_kl_loss``, GRPO's β·KL term).
 
-  ``kl_loss[b, t] = kl_penalty(logps, ref_logps, kind=kind)[b, t]·mask[b, t]``, exactly 0 (with
-  zero gradient) where masked whatever the inputs hold there. Multiply by the coefficient
+  ``kl_loss[b, t] = kl_penalty(logps, ref_logps, kind=kind)[b, t]`` where ``mask[b, t] != 0``,
+  exactly 0 (with zero gradient) where masked whatever the inputs hold there. Float mask weights
+  are not applied here: the aggregation you pass the same mask to weighs each token once. Multiply by the coefficient
   (``kl_loss_coef``, or a controller's ``state.coef``) and add to the per-token policy loss
   before the aggregation, or aggregate it separately. verl's default ``kind`` is ``low_var_kl``
   (``k3``) as in GRPO; ``k3+`` keeps its value with an unbiased gradient.
@@ -189,7 +190,7 @@ def kl_loss(
   logps = jnp.where(keep, jnp.asarray(logps_BxT), 0.0)
   ref = jnp.where(keep, jnp.asarray(ref_logps_BxT), 0.0)
   kl = _kl(logps, ref, kind, stop_gradient)
-  return jnp.where(keep, kl * mask.astype(kl.dtype), 0.0)
+  return jnp.where(keep, kl, 0.0)
 
 
 # ----------------------------------------------------------------------------- controllers

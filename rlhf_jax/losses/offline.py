@@ -86,7 +86,9 @@ def _target(x, keep, dtype):
 
 
 def _finish(losses_BxT, weights_BxT, keep_BxT):
-  return jnp.where(keep_BxT, losses_BxT * weights_BxT, 0.0)
+  """Exactly 0 where masked; float weights are applied once, by the aggregation."""
+  del weights_BxT
+  return jnp.where(keep_BxT, losses_BxT, 0.0)
 
 
 def _positive_advantages(advantages_B, dtype, filter_negative):

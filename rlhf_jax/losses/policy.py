@@ -14,6 +14,10 @@ Every policy loss has one call shape (registered with ``kind="policy"``):
 
 The result is the per-token loss ``[B, T]`` (to be *minimised*); masked positions are exactly 0
 with zero gradient whatever the inputs hold there (``-inf``/NaN log-probs of padding included).
+The mask only *selects* here: the losses are not multiplied by float weights. Pass the same mask
+to the aggregation, which weighs each token once (``token-mean`` gives ``Σ w·l / Σ w``); inside a
+sequence-level objective (GSPO's length-normalised log-ratio, GMPO's means) the weights enter the
+per-sequence averages.
 Reduce with a named aggregation from `rlhf_jax.ops` (verl's ``loss_agg_mode``; see
 `TRL_GRPO_LOSS_TYPE_TO_AGGREGATION` for TRL's GRPO ``loss_type`` names). The last keyword of each
 loss, ``stop_gradient=True``, can be turned off for meta-gradient research.
@@ -166,7 +170,10 @@ def _prepare(logps_BxT, old_logps_BxT, advantages_BxT, mask_BxT, stop_gradient: 
 
 
 def _finish(losses_BxT: Array, weights_BxT: Array, keep_BxT: Array) -> Array:
-  return jnp.where(keep_BxT, losses_BxT * weights_BxT, 0.0)
+  """The per-token loss, exactly 0 where masked. Float weights are not applied here: the
+  aggregation (`rlhf_jax.ops`) weighs each token once, so a weight ``w`` counts as ``w / Σw``."""
+  del weights_BxT
+  return jnp.where(keep_BxT, losses_BxT, 0.0)
 
 
 def _ratio(logp_BxT: Array, old_BxT: Array) -> tuple[Array, Array]:
@@ -855,7 +862,7 @@ def kimi_k15_loss(
   _check_min(tau, "tau", 0.0, strict=True)
   logp, old, adv, w, keep = _prepare(logps_BxT, old_logps_BxT, advantages_BxT, mask_BxT, stop_gradient)
   n_B = jnp.sum(w, axis=-1)
-  log_ratio_B = jnp.sum((logp - old) * w, axis=-1)
+  log_ratio_B = jnp.sum(logp - old, axis=-1)  # log π(y|x) − log π_old(y|x): 0 off the mask
   adv_B = _safe_div(jnp.sum(adv * w, axis=-1), n_B)
   losses_B = 0.5 * jnp.square(adv_B - tau * log_ratio_B)
   return _finish(jnp.broadcast_to(losses_B[:, None], logp.shape), w, keep)
@@ -873,6 +880,7 @@ def ppo_clip_fraction(
     clip_ratio_low: float = 0.2,
     clip_ratio_high: float = 0.2,
     clip_ratio_c: float | None = 3.0,
+    level: str = "token",
 ) -> dict[str, Array]:
   """Step metrics of a PPO-style update: clip fractions, approximate KL, ratio statistics.
 
@@ -890,6 +898,11 @@ def ppo_clip_fraction(
   - ``ratio_mean``, ``ratio_min``, ``ratio_max``: of ``r`` (0 if nothing is unmasked).
   - ``ntokens``: the number (sum of weights) of unmasked tokens, the denominator.
 
+  ``level="sequence"`` measures the clipping of GSPO (`gspo_loss`): every token of sequence ``b``
+  carries the length-normalised sequence ratio ``s_b = exp(mean_t log r_bt)`` in place of its own
+  ratio for the clip fractions and ``ratio_*`` (verl's ``pg_clipfrac`` for ``loss_mode="gspo"``);
+  the KL estimates stay per token.
+
   Args:
     logps_BxT: log π_θ, ``[B, T]``.
     old_logps_BxT: log π_old, ``[B, T]``.
@@ -898,6 +911,7 @@ def ppo_clip_fraction(
     clip_ratio_low: ``ε_low``.
     clip_ratio_high: ``ε_high``.
     clip_ratio_c: the dual-clip constant, or ``None``.
+    level: ``"token"`` (PPO's token ratio) or ``"sequence"`` (GSPO's sequence ratio; static).
 
   Returns:
     A dict of float32 scalars with the keys above.
@@ -912,11 +926,15 @@ def ppo_clip_fraction(
     (0.5, 1.7999999523162842)
   """
   _check_clip(clip_ratio_low, clip_ratio_high)
+  _check_choice(level, "level", ("token", "sequence"))
   logp, old, adv, w, keep = _prepare(logps_BxT, old_logps_BxT, advantages_BxT, mask_BxT, True)
   logp = jax.lax.stop_gradient(logp)
   log_ratio, ratio = _ratio(logp, old)
-  _, pg1, pg2, clip1, pg3 = _ppo_clip_terms(ratio, adv, clip_ratio_low, clip_ratio_high, clip_ratio_c)
   ntokens = jnp.sum(jnp.where(keep, w, 0.0))
+  if level == "sequence":
+    log_seq_B = _safe_div(jnp.sum(log_ratio * w, axis=-1), jnp.sum(w, axis=-1))
+    ratio = jnp.where(keep, jnp.exp(jnp.minimum(log_seq_B, 10.0))[:, None], 0.0)
+  _, pg1, pg2, clip1, pg3 = _ppo_clip_terms(ratio, adv, clip_ratio_low, clip_ratio_high, clip_ratio_c)
 
   def mean(x):
     return _safe_div(jnp.sum(jnp.where(keep, x.astype(w.dtype) * w, 0.0)), ntokens)

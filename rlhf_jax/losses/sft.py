@@ -18,7 +18,9 @@ __all__ = ["sft_loss"]
 def sft_loss(logps_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
   """Per-token negative log-likelihood of the target tokens, zero where masked.
 
-  ``loss[b, t] = -logps[b, t] * mask[b, t]``, the cross-entropy of supervised fine-tuning.
+  ``loss[b, t] = -logps[b, t]`` where ``mask[b, t] != 0``, else 0: the cross-entropy of
+  supervised fine-tuning. Float mask weights are not applied here; the aggregation given the same
+  mask weighs each token once (``token_mean`` gives ``Σ w·nll / Σ w``).
   Nothing is reduced: pass the result to an aggregation, usually
   ``rlhf_jax.ops.token_mean(losses_BxT, mask_BxT)`` (the mean NLL per completion token).
 
@@ -49,5 +51,4 @@ def sft_loss(logps_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
   _checks.check_floating(logps_BxT, "logps_BxT")
   _checks.check_same_shape(logps_BxT, mask_BxT, "logps_BxT", "mask_BxT")
   mask_BxT = jnp.asarray(mask_BxT)
-  weights_BxT = mask_BxT.astype(logps_BxT.dtype)
-  return jnp.where(mask_BxT != 0, -logps_BxT * weights_BxT, jnp.zeros_like(logps_BxT))
+  return jnp.where(mask_BxT != 0, -logps_BxT, jnp.zeros_like(logps_BxT))

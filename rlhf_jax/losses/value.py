@@ -122,7 +122,7 @@ def clipped_value_loss(
     old = jnp.where(keep, _sg(jnp.asarray(old_values_BxT).astype(dtype), stop_gradient), 0.0)
     v_clipped = jnp.clip(v, old - clip_range, old + clip_range)
     losses = jnp.maximum(losses, jnp.square(v_clipped - ret))
-  return jnp.where(keep, 0.5 * losses * mask.astype(dtype), 0.0)
+  return jnp.where(keep, 0.5 * losses, 0.0)
 
 
 def hl_gauss_targets(
@@ -259,7 +259,7 @@ def hl_gauss_value_loss(
   returns = jnp.where(keep, _sg(jnp.asarray(returns_BxT).astype(dtype), stop_gradient), 0.0)
   targets = hl_gauss_targets(returns, num_bins=num_bins, v_min=v_min, v_max=v_max, sigma_ratio=sigma_ratio)
   ce = -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
-  return jnp.where(keep, ce * mask.astype(dtype), 0.0)
+  return jnp.where(keep, ce, 0.0)
 
 
 @register(
@@ -305,4 +305,4 @@ def entropy_bonus(entropy_BxT: Array, mask_BxT: Array, *, coef: float) -> Array:
   mask = jnp.asarray(mask_BxT)
   keep = mask != 0
   h = jnp.where(keep, entropy.astype(dtype), 0.0)
-  return jnp.where(keep, -jnp.asarray(coef, dtype) * h * mask.astype(dtype), 0.0)
+  return jnp.where(keep, -jnp.asarray(coef, dtype) * h, 0.0)

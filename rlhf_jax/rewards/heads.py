@@ -484,7 +484,7 @@ def prm_bce(step_logits_BxT: Array, step_labels_BxT: Array, step_mask_BxT: Array
   Args:
     step_logits_BxT: per-token logits of "this step is correct", shape ``[B, T]``.
     step_labels_BxT: labels at step tokens, same shape (gradient stopped).
-    step_mask_BxT: 1 (nonzero, or a float weight) at step tokens, same shape.
+    step_mask_BxT: 1 (nonzero, or a float weight, applied by the aggregation) at step tokens.
 
   Returns:
     ``losses_BxT``: per-token losses, shape ``[B, T]``.
@@ -507,7 +507,7 @@ def prm_bce(step_logits_BxT: Array, step_labels_BxT: Array, step_mask_BxT: Array
   logits = jnp.where(keep, jnp.asarray(step_logits_BxT).astype(dtype), 0.0)
   labels = jnp.where(keep, jax.lax.stop_gradient(jnp.asarray(step_labels_BxT).astype(dtype)), 0.0)
   losses = -(labels * jax.nn.log_sigmoid(logits) + (1.0 - labels) * jax.nn.log_sigmoid(-logits))
-  return jnp.where(keep, losses * mask.astype(dtype), 0.0)
+  return jnp.where(keep, losses, 0.0)
 
 
 # ----------------------------------------------------------------------------- last token

@@ -19,6 +19,8 @@ log-probs are the last ``N`` target positions, aligned with the sampler's.
 
 from __future__ import annotations
 
+import inspect
+
 import logging
 from typing import Callable, Iterator, NamedTuple
 
@@ -94,6 +96,31 @@ def make_logps_fn(graphdef, num_response_tokens: int, *, logprob_chunk_size=None
   return logps
 
 
+_TOKEN_CLIP_LOSSES = ("vanilla", "clip_cov")  # PPO's clip of the token ratio
+_RATIO_KEYS = ("approx_kl", "ppo_kl", "ratio_mean", "ratio_min", "ratio_max")
+_CLIP_KEYS = ("clip_fraction", "clip_fraction_lower", "clip_fraction_low", "clip_fraction_high")
+
+
+def _clip_metric_args(name, fn, hp) -> tuple[dict, tuple[str, ...]]:
+  """Arguments of `losses.policy.ppo_clip_fraction` for a policy loss, and the keys to log.
+
+  The clip fractions are reported for the losses that clip as PPO does (``vanilla``,
+  ``clip_cov``: the token ratio; ``gspo``: the sequence ratio), with the loss's own clip range
+  (its hyper-parameters, else its defaults); the other losses (CISPO's clipped weights, SAPO's
+  gate, GMPO's log-space clip, REINFORCE, ...) log the ratio statistics and KL estimates only.
+  """
+  if name not in (*_TOKEN_CLIP_LOSSES, "gspo"):
+    return {}, _RATIO_KEYS
+  defaults = {k: v.default for k, v in inspect.signature(fn).parameters.items()
+              if v.default is not inspect.Parameter.empty}
+  args = {k: hp.get(k, defaults.get(k)) for k in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c")
+          if k in defaults}
+  if name == "gspo":
+    args["level"] = "sequence"
+  args.setdefault("clip_ratio_c", None)
+  return args, _RATIO_KEYS + _CLIP_KEYS
+
+
 def make_policy_loss(
     *,
     num_response_tokens: int,
@@ -112,7 +139,9 @@ def make_policy_loss(
   ``advantages_BxN`` and, with ``kl_coef > 0``, ``ref_logps_BxN``. The loss is
   ``agg(policy_loss) + kl_coef·agg(kl) − entropy_coef·agg(entropy)`` with the
   named aggregation (verl's ``loss_agg_mode``). Metrics: ``pg_loss``, ``kl``,
-  ``entropy``, ``clip_fraction``, ``ratio_mean``, ``approx_kl`` (to the old policy).
+  ``entropy``, and from `losses.policy.ppo_clip_fraction` the ratio statistics and KL estimates
+  to the old policy (``approx_kl``, ``ppo_kl``, ``ratio_mean``/``min``/``max``) and, for the
+  losses that clip as PPO does, the clip fractions with the loss's own clip range.
 
   ``rollout_correction`` (e.g. ``dict(level="token", cap=2.0, mode="truncate")``)
   corrects the mismatch between the sampler and the trainer (different kernels,
@@ -125,6 +154,7 @@ def make_policy_loss(
   kl_fn = losses_lib.kl.kl_penalty
   agg = ops.get_aggregation(aggregation)
   hp = dict(policy_hparams or {})
+  clip_args, metric_keys = _clip_metric_args(policy_loss, pl, hp)
 
   def loss_fn(model, batch, rng):
     del rng
@@ -147,16 +177,10 @@ def make_policy_loss(
       aux["kl"] = kl_value
     if entropy_coef:
       loss = loss - entropy_coef * agg(entropy, mask)
-    log_ratio = jax.lax.stop_gradient(logps - batch["old_logps_BxN"])
-    ratio = jnp.exp(log_ratio)
-    low, high = hp.get("clip_ratio_low", 0.2), hp.get("clip_ratio_high", hp.get("clip_ratio_low", 0.2))
-    clipped = ((ratio < 1 - low) | (ratio > 1 + high)).astype(jnp.float32)
-    aux.update(
-        clip_fraction=ops.token_mean(clipped, mask),
-        ratio_mean=ops.token_mean(ratio, mask),
-        approx_kl=ops.token_mean(jnp.exp(-log_ratio) - 1 + log_ratio, mask),
-        weight=ops.aggregation_weight(aggregation, mask),
-    )
+    ratio_metrics = losses_lib.policy.ppo_clip_fraction(
+        logps, batch["old_logps_BxN"], batch["advantages_BxN"], mask, **clip_args)
+    aux.update({k: ratio_metrics[k] for k in metric_keys})
+    aux["weight"] = ops.aggregation_weight(aggregation, mask)
     return loss, aux
 
   return loss_fn

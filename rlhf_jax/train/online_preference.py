@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlhf_jax.losses import dpo as dpo_losses
 from rlhf_jax import ops
 from rlhf_jax.data.tokenize import sequence_row
 from rlhf_jax.sampling import left_pad, make_generate_fn, processors
@@ -579,10 +580,7 @@ def make_online_loss(objective: str = "dpo", *, beta: float = 0.1,
                     **hparams)
       else:
         loss_b = fn(pc, pr, rc, rr, batch["preference_B"], **hparams)
-      rew_c, rew_r = beta * (pc - rc), beta * (pr - rr)
-      aux.update({"logps/rejected": pr.mean(), "rewards/chosen": rew_c.mean(), "rewards/rejected": rew_r.mean(),
-                  "rewards/margins": (rew_c - rew_r).mean(),
-                  "rewards/accuracies": (rew_c > rew_r).astype(jnp.float32).mean()})
+      aux.update(dpo_losses.dpo_metrics(pc, pr, rc, rr, beta=beta))
     loss = loss_b.mean()
     aux[f"loss/{objective}"] = loss
     return loss, aux

@@ -176,17 +176,10 @@ def make_preference_loss(
       value = jnp.mean(fn(pc, pr, rc, rr, **kw) * pair_weights)
       aux[f"loss/{name}"] = value
       total = total + weight * value
-    reward_c = beta * (pc if reference_free else pc - rc)
-    reward_r = beta * (pr if reference_free else pr - rr)
-    aux.update({
-        "rewards/chosen": reward_c.mean(),
-        "rewards/rejected": reward_r.mean(),
-        "rewards/margins": (reward_c - reward_r).mean(),
-        "rewards/accuracies": (reward_c > reward_r).astype(jnp.float32).mean(),
-        "logps/chosen": pc.mean(),
-        "logps/rejected": pr.mean(),
-        "weight": jnp.asarray(pc.shape[0], jnp.float32),
-    })
+    zero = jnp.zeros_like(pc)
+    aux.update(dpo_losses.dpo_metrics(pc, pr, zero if reference_free else rc, zero if reference_free else rr,
+                                      beta=beta))
+    aux["weight"] = jnp.asarray(pc.shape[0], jnp.float32)
     return total, aux
 
   return loss_fn
