@@ -194,7 +194,7 @@ def test_skipped_rows_and_truncations_reach_the_run_metrics(tmp_path):
   trunc = T.new_token_stats()
   T.tokenize_pairs(examples, CharTokenizer(), max_len=16, max_prompt_len=8, stats=trunc)
   assert F.stats_metrics(parse, trunc) == {
-      "data/rows": 4.0, "data/ok": 2.0, "data/skipped": 2.0, "data/blank_lines": 0.0,
+      "data/rows": 4.0, "data/ok": 2.0, "data/skipped": 2.0, "data/blank_lines": 0.0, "data/duplicates": 1.0,
       "data/skipped_by_reason/missing field": 1.0, "data/skipped_by_reason/empty completion": 1.0,
       "data/sequences": 4.0, "data/prompt_truncated": 4.0, "data/prompt_tokens_dropped": 36.0,
       "data/response_truncated": 2.0, "data/response_tokens_dropped": 6.0, "data/list_truncated": 0.0}

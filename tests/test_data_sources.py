@@ -219,7 +219,7 @@ def test_turns_truncation_drops_whole_turns_and_keeps_system_and_last_user():
   full = tok.encode(tok.apply_chat_template(CONVO, add_generation_prompt=True))
   assert tokens.tolist() == full[-40:]
   # overlong="raise" still refuses any truncation
-  with pytest.raises(F.DataError, match=r"f\.jsonl:3: over-long"):
+  with pytest.raises(F.DataError, match=r"^f\.jsonl:3 \(record 0 of the batch\): field 'chosen': over-long"):
     T.tokenize_pairs([pair], tok, max_len=64, max_prompt_len=40, truncation="turns", overlong="raise")
   with pytest.raises(ValueError, match="`truncation` must be one of"):
     T.tokenize_pairs([pair], tok, max_len=64, truncation="words")

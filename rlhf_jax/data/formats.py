@@ -40,10 +40,17 @@ Source formats (``fmt``), see `FORMATS`:
   in ``fields`` -> ``prompt`` (values that are not JSON types, e.g. Parquet dates, become
   strings).
 
-Bad rows (unparsable JSON, a missing field, a wrong type, an empty completion, ...) raise
-`DataError` naming the file, the line (or row) and the field; with ``on_error="skip"`` they
-are skipped and counted in ``stats`` (``stats["skipped"]``, ``stats["skipped_by_reason"]``
-and the first few messages in ``stats["errors"]``): nothing is dropped silently.
+Bad rows (unparsable JSON, a missing field, a wrong type, an empty completion, a chat role
+outside `ROLES`, a non-finite number such as ``NaN``/``Infinity`` in a score or a ``prompt``
+field, ...) raise `DataError` naming the file, the line (or row) and the field; with
+``on_error="skip"`` they are skipped and counted in ``stats`` (``stats["skipped"]``,
+``stats["skipped_by_reason"]`` and the first few messages in ``stats["errors"]``): nothing is
+dropped silently. Rows that are exact copies of an earlier row are kept, but counted
+(``stats["duplicates"]``, the first one's place in ``stats["first_duplicate"]``) and reported in
+one warning per file. A file with no data rows is an `EmptyDataError` naming the file (and
+`rlhf_jax.data.sources.load_dataset` and the tfds builders refuse a file whose rows were all
+skipped too). `validate_example` checks an already-normalised example (as
+stored in a tfds record) the same way.
 
 Examples:
   >>> import json, os, tempfile
@@ -60,7 +67,10 @@ Examples:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -70,10 +80,13 @@ from rlhf_jax.errors import UserError
 
 __all__ = [
     "DataError",
+    "EmptyDataError",
     "FORMATS",
     "KIND_OF_FORMAT",
+    "ROLES",
     "best_worst_pair",
     "load_examples",
+    "merge_stats",
     "new_stats",
     "stats_metrics",
     "parse_hh_transcript",
@@ -81,6 +94,7 @@ __all__ = [
     "read_examples",
     "read_rows",
     "sample_rows",
+    "validate_example",
     "write_sample_files",
 ]
 
@@ -95,17 +109,52 @@ KIND_OF_FORMAT = {
     "prompt": "prompt",
 }
 FORMATS = tuple(KIND_OF_FORMAT)
+# The chat roles a message may have: those of the Hugging Face / OpenAI chat format that chat
+# templates render (ChatML, Llama 3 and Qwen templates take these; "tool" is a tool's reply).
+ROLES = ("system", "user", "assistant", "tool")
 _MAX_ERRORS_KEPT = 20
+_log = logging.getLogger("rlhf_jax")
 
 
 class DataError(UserError):
-  """A bad row: ``path``, ``line`` (JSONL line, 1-based, or Parquet row, 0-based), ``field``, ``reason``."""
+  """A bad row: ``path``, ``line`` (JSONL line, 1-based, or Parquet row, 0-based), ``field``, ``reason``.
 
-  def __init__(self, path: str, line: int | str, field: str | None, reason: str, detail: str = ""):
-    self.path, self.line, self.field, self.reason = str(path), line, field, reason
-    where = f"{path}:{line}"
+  ``record`` (optional) says which record of a batch it is (e.g. ``"record 3 of the batch"``),
+  for errors raised while collating; ``path``/``line`` may then be None when the example
+  carries no ``"source"``. The message is one line: ``FILE:LINE (RECORD): field 'F': REASON: DETAIL``.
+  """
+
+  def __init__(self, path: str | None, line: int | str | None, field: str | None, reason: str, detail: str = "",
+               *, record: str | None = None):
+    self.path = None if path is None else str(path)
+    self.line, self.field, self.reason, self.detail, self.record = line, field, reason, detail, record
+    where = self.path if line is None else f"{self.path}:{line}"
+    if record is not None:
+      where = record if where is None else f"{where} ({record})"
+    where = "<example without a source>" if where is None else where
     what = f"field {field!r}: " if field else ""
+    detail = str(detail).replace("\n", "\\n")
     super().__init__(f"{where}: {what}{reason}{': ' + detail if detail else ''}")
+
+
+class EmptyDataError(DataError):
+  """A source with no usable rows: empty (or only blank lines), or every row skipped as bad.
+
+  ``path``, ``rows`` (non-blank rows seen) and ``skipped``; ``reason`` is ``"no data rows"`` or
+  ``"all rows bad"``. The message names the file (and, for bad rows, the top reasons and the
+  first error).
+  """
+
+  def __init__(self, path: str, *, rows: int = 0, skipped: int = 0, reasons: dict | None = None,
+               first: str | None = None):
+    if not rows:
+      reason, detail = "no data rows", "the file is empty or holds only blank lines"
+    else:
+      top = ", ".join(f"{r}: {n}" for r, n in sorted((reasons or {}).items(), key=lambda kv: -kv[1])[:3])
+      reason = "all rows bad"
+      detail = f"all {rows} rows were skipped ({top or '?'}); first: {first or '?'}"
+    super().__init__(path, None, None, reason, detail)
+    self.rows, self.skipped, self.reasons = rows, skipped, dict(reasons or {})
 
 
 class _RowError(Exception):
@@ -117,8 +166,32 @@ class _RowError(Exception):
 
 
 def new_stats() -> dict[str, Any]:
-  """A fresh stats dict: ``rows``, ``ok``, ``skipped``, ``skipped_by_reason``, ``errors``, ``blank_lines``."""
-  return {"rows": 0, "ok": 0, "skipped": 0, "skipped_by_reason": {}, "errors": [], "blank_lines": 0}
+  """A fresh stats dict: ``rows``, ``ok``, ``skipped``, ``skipped_by_reason``, ``errors``, ``blank_lines``,
+  ``duplicates`` (valid rows that are exact copies of an earlier one; kept). A ``first_duplicate``
+  key (``"FILE:LINE"``, not a metric) is added when the first duplicate is seen."""
+  return {"rows": 0, "ok": 0, "skipped": 0, "skipped_by_reason": {}, "errors": [], "blank_lines": 0,
+          "duplicates": 0}
+
+
+def merge_stats(into: dict, more: dict) -> dict:
+  """Adds the parse stats ``more`` (`new_stats`) to ``into`` in place (counts summed, reasons merged,
+  the first `_MAX_ERRORS_KEPT` error messages and the first ``first_duplicate`` kept); returns ``into``.
+
+  >>> a = {**new_stats(), "rows": 2, "ok": 2}
+  >>> b = {**new_stats(), "rows": 1, "skipped": 1, "skipped_by_reason": {"empty completion": 1}, "errors": ["f:1: x"]}
+  >>> m = merge_stats(a, b); m["rows"], m["ok"], m["skipped"], m["skipped_by_reason"], m["errors"]
+  (3, 2, 1, {'empty completion': 1}, ['f:1: x'])
+  """
+  for key, value in new_stats().items():
+    into.setdefault(key, value)
+  for key in ("rows", "ok", "skipped", "blank_lines", "duplicates"):
+    into[key] += more.get(key, 0)
+  for reason, n in more.get("skipped_by_reason", {}).items():
+    into["skipped_by_reason"][reason] = into["skipped_by_reason"].get(reason, 0) + n
+  into["errors"] += list(more.get("errors", []))[:max(0, _MAX_ERRORS_KEPT - len(into["errors"]))]
+  if more.get("first_duplicate") and not into.get("first_duplicate"):
+    into["first_duplicate"] = more["first_duplicate"]
+  return into
 
 
 def stats_metrics(*stats: Any, prefix: str = "data/") -> dict[str, float]:
@@ -221,6 +294,9 @@ def _messages(value: Any, field: str) -> list[dict[str, str]]:
   for j, m in enumerate(value):
     if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
       raise _RowError(field, "wrong type", f"message {j} is not a {{role: str, content: str}} dict")
+    if m["role"] not in ROLES:
+      raise _RowError(f"{field}[{j}].role", "unknown role",
+                      f"message {j} has role {m['role']!r}; expected one of {', '.join(ROLES)}")
     out.append({"role": m["role"], "content": m["content"]})
   return out
 
@@ -315,11 +391,30 @@ def _parse_preference(row: dict) -> dict:
 
 
 def _number(value: Any, field: str) -> float:
+  """``value`` as a finite float; a bool, a non-number or ``NaN``/``±Infinity`` is a bad row."""
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     raise _RowError(field, "wrong type", f"expected a number, got {type(value).__name__}")
-  if value != value:  # NaN
-    raise _RowError(field, "wrong type", "score is NaN")
+  if not math.isfinite(value):
+    raise _RowError(field, "non-finite number", f"{_json_number(value)} (scores must be finite)")
   return float(value)
+
+
+def _json_number(value: float) -> str:
+  """A non-finite float as JSON spells it (``NaN``, ``Infinity``, ``-Infinity``)."""
+  return json.dumps(value)
+
+
+def _check_finite(value: Any, field: str) -> None:
+  """Raises the ``"non-finite number"`` row error for the first ``NaN``/``±Infinity`` in ``value``
+  (nested lists and dicts are searched; the field is named as ``field[i].key``)."""
+  if isinstance(value, float) and not math.isfinite(value):
+    raise _RowError(field, "non-finite number", f"{_json_number(value)} (numbers in the data must be finite)")
+  if isinstance(value, dict):
+    for k, v in value.items():
+      _check_finite(v, f"{field}.{k}")
+  elif isinstance(value, (list, tuple)):
+    for i, v in enumerate(value):
+      _check_finite(v, f"{field}[{i}]")
 
 
 def _parse_ultrafeedback(row: dict) -> dict:
@@ -414,6 +509,8 @@ def _json_value(value: Any) -> Any:
 def _parse_prompt(row: dict) -> dict:
   prompt = _prompt(_get(row, "prompt"), "prompt")
   fields = {str(k): _json_value(v) for k, v in row.items() if k != "prompt"}
+  for k, v in fields.items():  # they reach reward functions: NaN/Infinity would poison a reward
+    _check_finite(v, k)
   return {"kind": "prompt", "prompt": prompt, "fields": fields}
 
 
@@ -445,12 +542,21 @@ def parse_row(row: Any, fmt: str, *, path: str = "<row>", line: int | str = 0) -
   return example
 
 
+def _row_key(row: Any) -> int:
+  """A 64-bit hash of a raw row's content (key order ignored): equal for exact duplicates."""
+  text = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+  return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
 def read_examples(
     path: str | os.PathLike,
     fmt: str,
     *,
     on_error: str = "raise",
     stats: dict | None = None,
+    seen: set | None = None,
+    allow_empty: bool = False,
+    warn_duplicates: bool = True,
 ) -> Iterator[dict]:
   """Yields the normalised examples of a JSONL or Parquet file in format ``fmt``.
 
@@ -460,11 +566,21 @@ def read_examples(
     on_error: ``"raise"`` (a `DataError` naming file, line and field) or ``"skip"`` (the
       row is skipped and counted in ``stats``).
     stats: a dict updated in place (see `new_stats`; missing keys are added): ``rows``
-      (non-blank rows seen), ``ok``, ``skipped``, ``skipped_by_reason`` and ``errors`` (the
-      first 20 messages). Pass the same dict to several calls to aggregate files.
+      (non-blank rows seen), ``ok``, ``skipped``, ``skipped_by_reason``, ``errors`` (the
+      first 20 messages) and ``duplicates`` (valid rows equal to an earlier valid row; they
+      are yielded all the same). Pass the same dict to several calls to aggregate files.
+    seen: hashes of the rows seen so far (updated in place); pass the same set to several
+      calls to count duplicates across files. None: a fresh set (this file only).
+    allow_empty: if False, a file with no data rows (empty, or only blank lines) raises
+      `EmptyDataError` once it is read. (A file whose rows were all skipped is counted in
+      ``stats``, as asked with ``on_error="skip"``; `rlhf_jax.data.sources.load_dataset` and
+      `rlhf_jax.data.tfds_builders.build_dataset` refuse it.)
+    warn_duplicates: log one warning (``"rlhf_jax"`` logger) at the end of the file if it
+      held duplicates (their count and the first one's place).
 
   Raises:
     DataError: on a bad row when ``on_error="raise"``.
+    EmptyDataError: no usable row in the file (unless ``allow_empty``).
     ValueError: on an unknown ``fmt`` or ``on_error``.
   """
   if on_error not in ("raise", "skip"):
@@ -474,12 +590,16 @@ def read_examples(
   stats = new_stats() if stats is None else stats
   for key, value in new_stats().items():
     stats.setdefault(key, value)
+  seen = set() if seen is None else seen
   path = os.fspath(path)
+  rows = duplicates = 0
+  first_duplicate = None
   for line, row in read_rows(path):
     if row is None:
       stats["blank_lines"] += 1
       continue
     stats["rows"] += 1
+    rows += 1
     try:
       example = parse_row(row, fmt, path=path, line=line)
     except DataError as e:
@@ -490,16 +610,126 @@ def read_examples(
       if len(stats["errors"]) < _MAX_ERRORS_KEPT:
         stats["errors"].append(str(e))
       continue
+    key = _row_key(row)
+    if key in seen:
+      duplicates += 1
+      stats["duplicates"] += 1
+      first_duplicate = first_duplicate or example["source"]
+      stats.setdefault("first_duplicate", first_duplicate)
+    else:
+      seen.add(key)
     stats["ok"] += 1
     yield example
+  if duplicates and warn_duplicates:
+    _log.warning("%s: %d of %d rows are exact duplicates of earlier rows (first: %s); kept, counted in "
+                 "stats['duplicates']", path, duplicates, rows, first_duplicate)
+  if not rows and not allow_empty:
+    raise EmptyDataError(path)
 
 
 def load_examples(paths, fmt: str, *, on_error: str = "raise") -> tuple[list[dict], dict]:
-  """All examples of one or several files as a list, with the stats (see `read_examples`)."""
+  """All examples of one or several files as a list, with the stats (see `read_examples`;
+  duplicates are counted across the files)."""
   paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-  stats = new_stats()
-  examples = [ex for p in paths for ex in read_examples(p, fmt, on_error=on_error, stats=stats)]
+  stats, seen = new_stats(), set()
+  examples = [ex for p in paths for ex in read_examples(p, fmt, on_error=on_error, stats=stats, seen=seen)]
   return examples, stats
+
+
+# ----------------------------------------------------------------------------- normalised examples
+
+
+def _where(example: Any) -> tuple[str | None, int | str | None]:
+  """``(path, line)`` of an example's ``"source"`` (``"FILE:LINE"`` / ``"FILE:row N"``), or ``(None, None)``."""
+  source = example.get("source") if isinstance(example, dict) else None
+  if not isinstance(source, str) or not source:
+    return None, None
+  path, _, line = source.rpartition(":")
+  return (path, line) if path else (source, None)
+
+
+# Kinds of example each batch kind takes (see `rlhf_jax.data.tokenize`).
+_TAKES = {"pair": ("pair",), "sft": ("sft", "pair", "unpaired"), "unpaired": ("unpaired",), "ranked": ("ranked",),
+          "prompt": ("prompt", "prompt_answer"), "prompt_answer": ("prompt", "prompt_answer")}
+
+
+def _check_example(ex: Any, kinds: tuple[str, ...]) -> None:
+  if not isinstance(ex, dict):
+    raise _RowError(None, "wrong type", f"the record is a {type(ex).__name__}, not a normalised example dict")
+  kind = ex.get("kind")
+  if kind not in KIND_OF_FORMAT.values():
+    raise _RowError("kind", "wrong type" if "kind" in ex else "missing field",
+                    f"{kind!r} is not an example kind ({', '.join(sorted(_TAKES))})")
+  if kind not in kinds:
+    raise _RowError("kind", "wrong kind", f"a {kind!r} example, but this batch takes {' or '.join(map(repr, kinds))}")
+  req = lambda name: _get(ex, name)
+  if kind == "sft":
+    msgs = _messages(req("messages"), "messages")
+    if not any(m["role"] == "assistant" for m in msgs):
+      raise _RowError("messages", "empty completion", "no assistant message")
+    return
+  _messages(req("prompt"), "prompt")
+  if kind == "pair":
+    _messages(req("chosen"), "chosen")
+    _messages(req("rejected"), "rejected")
+  elif kind == "unpaired":
+    _messages(req("completion"), "completion")
+    if not isinstance(req("label"), bool):
+      raise _RowError("label", "wrong type", f"expected a bool, got {type(ex['label']).__name__}")
+  elif kind == "ranked":
+    comps, scores = req("completions"), req("scores")
+    if not isinstance(comps, (list, tuple)) or not comps:
+      raise _RowError("completions", "wrong type", "expected a non-empty list of message lists")
+    if not isinstance(scores, (list, tuple)) or len(scores) != len(comps):
+      raise _RowError("scores", "wrong type", f"expected a list of {len(comps)} numbers (one per completion)")
+    for j, (c, sc) in enumerate(zip(comps, scores)):
+      _messages(c, f"completions[{j}]")
+      _number(sc, f"scores[{j}]")
+  elif kind == "prompt_answer":
+    _string(req("answer"), "answer", allow_empty=True)
+  elif kind == "prompt":
+    fields = ex.get("fields")
+    if fields is not None and not isinstance(fields, dict):
+      raise _RowError("fields", "wrong type", f"expected a dict, got {type(fields).__name__}")
+    _check_finite(fields or {}, "fields")
+
+
+def validate_example(example: Any, kinds: str | tuple[str, ...] | None = None, *, record: str | None = None) -> dict:
+  """Checks a normalised example (e.g. a decoded tfds record) before it is tokenised; returns it.
+
+  Checks the ``kind`` and that every key the kind needs is there with the right type: message
+  lists of ``{role, content}`` with roles in `ROLES`, ranked ``scores`` finite and one per
+  completion, a bool ``label``, an ``sft`` conversation with an assistant turn, no
+  ``NaN``/``Infinity`` in a ``prompt`` example's ``fields``.
+
+  Args:
+    example: the example.
+    kinds: the example kinds accepted: a batch kind of `rlhf_jax.data.tokenize.make_collate`
+      (``"sft"`` takes pair/unpaired too, the prompt kinds take each other), a tuple of
+      kinds, or None (any).
+    record: where it is in a batch (e.g. ``"record 3 of the batch"``), named in the error.
+
+  Raises:
+    DataError: naming the example's source (``FILE:LINE``) when it has one, ``record``, the
+      field and the reason (one line).
+
+  >>> bad = {"kind": "sft", "messages": [{"role": "bot", "content": "hi"}], "source": "f.jsonl:4"}
+  >>> try:
+  ...   validate_example(bad, "sft", record="record 0 of the batch")
+  ... except DataError as e:
+  ...   print(e.field, "|", e.reason, "|", e)  # doctest: +ELLIPSIS
+  messages[0].role | unknown role | f.jsonl:4 (record 0 of the batch): field 'messages[0].role': unknown role: ...
+  """
+  if kinds is None:
+    kinds = tuple(_TAKES)
+  elif isinstance(kinds, str):
+    kinds = _TAKES.get(kinds, (kinds,))
+  try:
+    _check_example(example, tuple(kinds))
+  except _RowError as e:
+    path, line = _where(example)
+    raise DataError(path, line, e.field, e.reason, e.detail, record=record) from None
+  return example
 
 
 # ----------------------------------------------------------------------------- sample files

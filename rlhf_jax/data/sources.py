@@ -27,7 +27,9 @@ row keys                                                           format (kind)
 
 The majority over the sampled rows wins (``ultrafeedback_pairs`` is never detected: name
 it in ``config.data.format``). `load_dataset` puts it together: bad rows are skipped and
-counted, and more than ``max_skipped_fraction`` of them is an error (`BadRowsError`).
+counted, and more than ``max_skipped_fraction`` of them, or a file whose rows are all bad, is
+an error (`BadRowsError`); an empty file is an error; exact duplicate rows are kept, counted
+(``stats["duplicates"]``, across the files) and reported in one warning.
 Every user mistake is a one-line `rlhf_jax.errors.UserError` naming the config key.
 
 Examples:
@@ -47,7 +49,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from rlhf_jax.data.formats import _BadJson, FORMATS, KIND_OF_FORMAT, new_stats, read_examples, read_rows
+from rlhf_jax.data.formats import _BadJson, FORMATS, KIND_OF_FORMAT, merge_stats, new_stats, read_examples, read_rows
 from rlhf_jax.data.tokenize import decode_record
 from rlhf_jax.errors import ConfigError, UserError
 
@@ -307,13 +309,19 @@ def _read_tfds(path: str, key: str) -> list[dict]:
   return out
 
 
+def _top_reasons(stats: dict) -> tuple[str, str]:
+  """``("reason: n, ...", first error)`` of parse stats: the 3 commonest skip reasons, the first message."""
+  top = sorted(stats["skipped_by_reason"].items(), key=lambda kv: -kv[1])[:3]
+  reasons = ", ".join(f"{reason}: {n}" for reason, n in top)
+  first = stats["errors"][0].replace("\n", "\\n") if stats["errors"] else "?"
+  return reasons, first
+
+
 def _check_skipped(stats: dict, key: str, max_skipped_fraction: float) -> None:
   rows, skipped = stats["rows"], stats["skipped"]
   if not skipped:
     return
-  top = sorted(stats["skipped_by_reason"].items(), key=lambda kv: -kv[1])[:3]
-  reasons = ", ".join(f"{reason}: {n}" for reason, n in top)
-  first = stats["errors"][0].replace("\n", "\\n") if stats["errors"] else "?"
+  reasons, first = _top_reasons(stats)
   frac = skipped / max(rows, 1)
   if frac > max_skipped_fraction:
     raise BadRowsError(
@@ -348,14 +356,18 @@ def load_dataset(
 
   Returns:
     ``(examples, stats, fmt)``: the examples in file order; parse stats (`new_stats`:
-    ``rows``, ``ok``, ``skipped``, ``skipped_by_reason``, ``errors``, ``blank_lines``;
-    tfds records count as rows); the format, shared by all files.
+    ``rows``, ``ok``, ``skipped``, ``skipped_by_reason``, ``errors``, ``blank_lines``,
+    ``duplicates`` (valid rows equal to an earlier one, in any file: kept, and logged in one
+    warning with the first one's ``FILE:LINE``); tfds records count as rows); the format,
+    shared by all files.
 
   Raises:
     ConfigError: a bad ``spec`` (`resolve_files`), an unknown ``fmt``, files of different
-      formats (or kinds), rows of no known format, a kind not in ``allowed_kinds``, or no rows.
-    BadRowsError: more than ``max_skipped_fraction`` of the rows are bad (one line: the
-      counts, the top 3 reasons and the first error, naming file:line and field).
+      formats (or kinds), rows of no known format, a kind not in ``allowed_kinds``, no rows,
+      or a file with no data rows (empty, or only blank lines; named).
+    BadRowsError: more than ``max_skipped_fraction`` of the rows are bad, or every row of one
+      file is (one line: the counts, the top 3 reasons and the first error, naming file:line
+      and field).
   """
   if fmt != "auto" and fmt not in FORMATS:
     raise ConfigError(f"config.data.format={fmt!r}: unknown format; expected 'auto' or one of {', '.join(FORMATS)}")
@@ -396,6 +408,8 @@ def load_dataset(
                       f"this recipe takes {_accepted(tuple(allowed_kinds))}")
   stats = new_stats()
   examples: list[dict] = []
+  seen: set = set()  # row hashes, for duplicates across the files
+  per_file = []
   for path, is_tfds, *_ in entries:
     if is_tfds:
       records = _read_tfds(path, key)
@@ -403,8 +417,23 @@ def load_dataset(
       stats["ok"] += len(records)
       examples += records
     else:
-      examples += read_examples(path, fmt, on_error="skip", stats=stats)
+      file_stats = new_stats()
+      examples += read_examples(path, fmt, on_error="skip", stats=file_stats, seen=seen, allow_empty=True,
+                                warn_duplicates=False)
+      merge_stats(stats, file_stats)
+      if not file_stats["rows"]:
+        raise ConfigError(f"config.{key}: {path!r} holds no data rows (the file is empty or holds only blank lines)")
+      per_file.append((path, file_stats))
   if not stats["rows"]:
     raise ConfigError(f"config.{key}: no data rows in {', '.join(map(repr, paths))}")
   _check_skipped(stats, key, max_skipped_fraction)
+  for path, file_stats in per_file:
+    if not file_stats["ok"]:
+      reasons, first = _top_reasons(file_stats)
+      raise BadRowsError(f"config.{key}: all {file_stats['rows']} rows of {path!r} are bad; top reasons: {reasons}; "
+                         f"first: {first}", skipped=file_stats["skipped"], rows=file_stats["rows"],
+                         reasons=file_stats["skipped_by_reason"])
+  if stats["duplicates"]:
+    _log.warning("%s: %d of %d rows are exact duplicates of earlier rows (first: %s); kept, counted in "
+                 "stats['duplicates']", key, stats["duplicates"], stats["ok"], stats.get("first_duplicate"))
   return examples, stats, fmt

@@ -33,17 +33,27 @@ Typical use::
 Each host builds (or reads a shared copy of) the same dataset and `BatchIterator` takes its
 slice of every global batch; ``it.get_state()`` goes into the checkpoint.
 Note: tfds orders records by a hash of their key (``FILE:LINE``), not by file order.
+
+**Stale builds.** tfds keys a build by name and version only, so `build_dataset` also stores a
+fingerprint of what it was built from (`source_fingerprint`: the sha256 of the source files'
+bytes, their paths, the source format, the kind and ``on_error``) in
+``builder.info.metadata["fingerprint"]``. A later call whose sources differ (other files, an
+edited file, another format) finds the stored build stale, logs one warning and rebuilds it
+in place; a call with the same sources reuses it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import shutil
 from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
 
-from rlhf_jax.data.formats import KIND_OF_FORMAT, new_stats, read_examples
+from rlhf_jax.data.formats import KIND_OF_FORMAT, EmptyDataError, merge_stats, new_stats, read_examples
 
 __all__ = [
     "BUILDERS",
@@ -55,7 +65,29 @@ __all__ = [
     "UnpairedExamples",
     "build_dataset",
     "parse_stats",
+    "source_fingerprint",
 ]
+
+_log = logging.getLogger("rlhf_jax")
+
+
+def source_fingerprint(paths, *, source_format: str, kind: str, on_error: str = "raise",
+                       version: str = "") -> str:
+  """The hex sha256 identifying a build's inputs: each path (as given, as records name it), the
+  sha256 of its bytes, and the ``source_format``, ``kind``, ``on_error`` and builder ``version``.
+
+  Two builds have the same fingerprint exactly when they would hold the same records.
+  """
+  paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths or [])
+  h = hashlib.sha256(json.dumps({"format": source_format, "kind": kind, "on_error": on_error,
+                                 "version": str(version)}, sort_keys=True).encode())
+  for p in paths:
+    content = hashlib.sha256()
+    with open(os.fspath(p), "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        content.update(chunk)
+    h.update(json.dumps([os.fspath(p), content.hexdigest()]).encode())
+  return h.hexdigest()
 
 
 class _LocalFileBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -97,14 +129,26 @@ class _LocalFileBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
       raise ValueError(f"{type(self).__name__}: pass `paths` and `source_format` to build the dataset.")
     return {"train": self._generate_examples()}
 
+  def fingerprint(self) -> str:
+    """`source_fingerprint` of this builder's ``paths``, format, kind, ``on_error`` and version."""
+    return source_fingerprint(self._paths, source_format=self._source_format, kind=self.KIND,
+                              on_error=self._on_error, version=str(self.VERSION))
+
   def _generate_examples(self):
-    stats = new_stats()
-    for path in self._paths:
-      for ex in read_examples(path, self._source_format, on_error=self._on_error, stats=stats):
+    stats, seen = new_stats(), set()
+    for path in self._paths:  # an empty file, or one whose rows are all bad, fails the build (EmptyDataError)
+      file_stats = new_stats()
+      for ex in read_examples(path, self._source_format, on_error=self._on_error, stats=file_stats, seen=seen):
         yield ex["source"], {"json": json.dumps(ex, ensure_ascii=False)}
+      if not file_stats["ok"]:
+        raise EmptyDataError(os.fspath(path), rows=file_stats["rows"], skipped=file_stats["skipped"],
+                             reasons=file_stats["skipped_by_reason"],
+                             first=(file_stats["errors"] or [None])[0])
+      merge_stats(stats, file_stats)
     self.info.metadata["parse_stats"] = stats
     self.info.metadata["source_format"] = self._source_format
     self.info.metadata["paths"] = [os.fspath(p) for p in self._paths]
+    self.info.metadata["fingerprint"] = self.fingerprint()
 
 
 class PreferencePairs(_LocalFileBuilder):
@@ -149,21 +193,39 @@ BUILDERS = {b.KIND: b for b in (PreferencePairs, RankedLists, UnpairedExamples, 
 
 def build_dataset(kind: str | None, paths, *, source_format: str, data_dir: str,
                   on_error: str = "raise") -> _LocalFileBuilder:
-  """Builds (once; later calls reuse the files) the ArrayRecord dataset of ``paths`` under ``data_dir``.
+  """Builds (once; later calls with the same sources reuse the files) the ArrayRecord dataset of
+  ``paths`` under ``data_dir``.
 
   Args:
     kind: the example kind (a key of `BUILDERS`); ``None`` for the kind of ``source_format``.
     paths: one or several local ``.jsonl``/``.parquet`` files.
     source_format: one of `rlhf_jax.data.formats.FORMATS`.
-    data_dir: where tfds writes ``<name>/1.0.0/*.array_record-*``; use one directory per
-      source dataset (the builders are keyed by name and version, not by input files).
+    data_dir: where tfds writes ``<name>/1.0.0/*.array_record-*``. A build found there is
+      reused only if its stored fingerprint (`source_fingerprint`) matches these sources;
+      otherwise it is stale and rebuilt in place (one warning). Use one directory per source
+      dataset, or each call with the other sources rebuilds it.
     on_error: ``"raise"`` or ``"skip"`` for bad rows (see `parse_stats`).
 
   Returns:
     The prepared builder: ``builder.as_data_source(split="train")``.
+
+  Raises:
+    rlhf_jax.data.formats.DataError: a bad row (``on_error="raise"``), an empty file or one
+      whose rows are all bad (`rlhf_jax.data.formats.EmptyDataError`).
   """
   kind = KIND_OF_FORMAT[source_format] if kind is None else kind
-  builder = BUILDERS[kind](paths=paths, source_format=source_format, on_error=on_error, data_dir=data_dir)
+  make = lambda: BUILDERS[kind](paths=paths, source_format=source_format, on_error=on_error, data_dir=data_dir)
+  builder = make()
+  if builder.is_prepared():
+    stored = (builder.info.metadata or {}).get("fingerprint")
+    wanted = builder.fingerprint()
+    if stored != wanted:
+      _log.warning("%s: the tfds build there is stale (built from %s as %r, fingerprint %s); rebuilding it from "
+                   "%s as %r (fingerprint %s)", builder.data_dir, (builder.info.metadata or {}).get("paths"),
+                   (builder.info.metadata or {}).get("source_format"), (stored or "none")[:12],
+                   [os.fspath(p) for p in builder._paths], source_format, wanted[:12])
+      shutil.rmtree(builder.data_dir)
+      builder = make()
   builder.download_and_prepare()
   return builder
 

@@ -34,6 +34,13 @@ example that would be truncated raises `rlhf_jax.data.formats.DataError` naming 
 and line instead. `warn_if_truncated` logs one warning per stats dict once too many
 sequences were truncated (`make_collate` calls it after every batch).
 
+**Bad examples.** Every ``tokenize_*`` function checks each example first
+(`rlhf_jax.data.formats.validate_example`: its kind, the keys it needs, their types, chat
+roles, finite scores) and any error while tokenising it (an over-long row with
+``overlong="raise"``, a chat template that refuses it, an undecodable record in
+`make_collate`) is a one-line `DataError` naming the example's source ``FILE:LINE`` (when it
+has one), its place in the batch (``record K of the batch``) and the field.
+
 **Row layout** (as `rlhf_jax.data.synthetic.make_sft_batch`): ``L = P + R <= max_len`` real
 tokens right-padded with ``pad_id`` to ``T = max_len``. ``targets[t] = input_ids[t + 1]``
 (last column ``pad_id``); ``loss_mask[t]`` (float32) is 1 exactly where ``targets[t]`` is a
@@ -57,6 +64,7 @@ helper only: feeding them to the model as-is would let sequences attend to earli
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -64,7 +72,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from rlhf_jax.data.formats import DataError
+from rlhf_jax.data.formats import DataError, validate_example
 
 __all__ = [
     "TRUNCATIONS",
@@ -194,10 +202,11 @@ def _encode_conversation(tokenizer, messages, first_response, eos_id):
 
 
 def truncate(tokens, is_response, *, max_len: int, max_prompt_len: int, stats: dict | None = None,
-             overlong: str = "truncate", source: str = "<example>"):
+             overlong: str = "truncate", source: str = "<example>", field: str | None = None):
   """Applies the truncation policy to one sequence; returns ``(tokens, is_response)``.
 
-  The prompt is everything before the first response token.
+  The prompt is everything before the first response token. With ``overlong="raise"``, a
+  sequence that would be cut raises `DataError` naming ``source`` (``FILE:LINE``) and ``field``.
 
   Examples:
     >>> st = new_token_stats()
@@ -213,7 +222,7 @@ def truncate(tokens, is_response, *, max_len: int, max_prompt_len: int, stats: d
   r_drop = max(0, kept - max_len)
   stats["sequences"] += 1
   if (p_drop or r_drop) and overlong == "raise":
-    raise DataError(*_split_source(source), None, "over-long",
+    raise DataError(*_split_source(source), field, "over-long",
                     f"{len(tokens)} tokens (prompt {n_prompt}) exceed max_prompt_len={max_prompt_len} / max_len={max_len}")
   if p_drop:
     stats["prompt_truncated"] += 1
@@ -342,9 +351,31 @@ def _encode_truncated(tokenizer, messages, first_response, eos_id, *, max_len, m
                   source=source)
 
 
-def _split_source(source: str) -> tuple[str, str]:
+def _split_source(source: str | None) -> tuple[str | None, str | None]:
+  """``(path, line)`` of a ``"FILE:LINE"`` source; ``(None, None)`` when unknown (None, ``"?"``)."""
+  if source is None or source in ("?", "<example>", ""):
+    return None, None
   path, _, line = str(source).rpartition(":")
-  return (path, line) if path else (source, "?")
+  return (path, line) if path else (str(source), None)
+
+
+@contextlib.contextmanager
+def _naming(ex: Any, k: int, kinds: str | tuple[str, ...], field: str | None = None, *, check: bool = True):
+  """Validates example ``k`` of a batch (`validate_example`, unless ``check`` is False: already
+  done), then turns any error raised in the block into a one-line `DataError` naming its
+  source, ``record k of the batch`` and ``field``."""
+  record = f"record {k} of the batch"
+  if check:
+    validate_example(ex, kinds, record=record)
+  try:
+    yield
+  except DataError as e:
+    if e.record is not None:
+      raise
+    raise DataError(e.path, e.line, e.field or field, e.reason, e.detail, record=record) from None
+  except Exception as e:  # noqa: BLE001 -- re-raised as a DataError that names the row
+    path, line = _split_source(ex.get("source"))
+    raise DataError(path, line, field, "tokenisation failed", f"{type(e).__name__}: {e}", record=record) from e
 
 
 def sequence_row(tokens, is_response, *, seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
@@ -415,11 +446,14 @@ def tokenize_pairs(examples: Sequence[dict], tokenizer, *, max_len: int, max_pro
   stats = _stats(stats, truncation)
   kw = dict(max_len=max_len, max_prompt_len=max_prompt_len, pad_id=pad_id, eos_id=eos_id, stats=stats,
             overlong=overlong, truncation=truncation)
+  rows = {"chosen": [], "rejected": []}
+  for k, ex in enumerate(examples):
+    for side in ("chosen", "rejected"):
+      with _naming(ex, k, "pair", side, check=side == "chosen"):
+        rows[side].append(_prompt_response_row(tokenizer, ex["prompt"], ex[side], source=ex.get("source"), **kw))
   out = {}
   for side in ("chosen", "rejected"):
-    rows = [_prompt_response_row(tokenizer, ex["prompt"], ex[side], source=ex.get("source", "?"), **kw)
-            for ex in examples]
-    out.update(_stack(rows, f"{side}_"))
+    out.update(_stack(rows[side], f"{side}_"))
   return out
 
 
@@ -437,22 +471,27 @@ def tokenize_sft(examples: Sequence[dict], tokenizer, *, max_len: int, max_promp
   max_prompt_len = _check_lens(max_len, max_prompt_len)
   stats = _stats(stats, truncation)
   rows = []
-  for ex in examples:
-    if ex["kind"] == "sft":
-      msgs = ex["messages"]
-      first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    else:
-      response = ex["chosen"] if ex["kind"] == "pair" else ex["completion"]
-      msgs, first = list(ex["prompt"]) + list(response), len(ex["prompt"])
-    tokens, resp = _encode_truncated(tokenizer, msgs, first, eos_id, max_len=max_len, max_prompt_len=max_prompt_len,
-                                     stats=stats, overlong=overlong, source=ex.get("source", "?"),
-                                     truncation=truncation, multi_turn=ex["kind"] == "sft")
-    rows.append(sequence_row(tokens, resp, seq_len=max_len, pad_id=pad_id))
+  for k, ex in enumerate(examples):
+    field = {"sft": "messages", "pair": "chosen"}.get(ex.get("kind") if isinstance(ex, dict) else None, "completion")
+    with _naming(ex, k, "sft", field):
+      if ex["kind"] == "sft":
+        msgs = ex["messages"]
+        first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+      else:
+        response = ex["chosen"] if ex["kind"] == "pair" else ex["completion"]
+        msgs, first = list(ex["prompt"]) + list(response), len(ex["prompt"])
+      tokens, resp = _encode_truncated(tokenizer, msgs, first, eos_id, max_len=max_len,
+                                       max_prompt_len=max_prompt_len, stats=stats, overlong=overlong,
+                                       source=ex.get("source"), truncation=truncation,
+                                       multi_turn=ex["kind"] == "sft")
+      rows.append(sequence_row(tokens, resp, seq_len=max_len, pad_id=pad_id))
   return _stack(rows)
 
 
 def tokenize_unpaired(examples: Sequence[dict], tokenizer, **kwargs) -> dict[str, np.ndarray]:
   """``unpaired`` (KTO) examples -> SFT keys plus ``labels_B`` (float32, 1 = desirable)."""
+  for k, ex in enumerate(examples):
+    validate_example(ex, "unpaired", record=f"record {k} of the batch")
   out = tokenize_sft(examples, tokenizer, **kwargs)
   out["labels_B"] = np.asarray([float(ex["label"]) for ex in examples], np.float32)
   return out
@@ -473,14 +512,18 @@ def tokenize_ranked(examples: Sequence[dict], tokenizer, *, num_completions: int
   K = int(num_completions)
   empty = sequence_row([], [], seq_len=max_len, pad_id=pad_id)
   lists, scores, masks = [], [], []
-  for ex in examples:
-    comps, sc = ex["completions"], ex["scores"]
+  for k, ex in enumerate(examples):
+    with _naming(ex, k, "ranked", "completions"):
+      comps, sc = ex["completions"], ex["scores"]
     if len(comps) > K:
       stats["list_truncated"] += 1
       comps, sc = comps[:K], sc[:K]
-    rows = [_prompt_response_row(tokenizer, ex["prompt"], c, max_len=max_len, max_prompt_len=max_prompt_len,
-                                 pad_id=pad_id, eos_id=eos_id, stats=stats, overlong=overlong,
-                                 source=ex.get("source", "?"), truncation=truncation) for c in comps]
+    rows = []
+    for j, c in enumerate(comps):
+      with _naming(ex, k, "ranked", f"completions[{j}]", check=False):
+        rows.append(_prompt_response_row(tokenizer, ex["prompt"], c, max_len=max_len, max_prompt_len=max_prompt_len,
+                                         pad_id=pad_id, eos_id=eos_id, stats=stats, overlong=overlong,
+                                         source=ex.get("source"), truncation=truncation))
     n = len(rows)
     rows += [empty] * (K - n)
     lists.append({k: np.stack([r[k] for r in rows]) for k in ROW_KEYS})
@@ -530,13 +573,11 @@ def tokenize_prompts(examples: Sequence[dict], tokenizer, *, max_prompt_len: int
   ids = np.full((len(examples), max_prompt_len), pad_id, np.int32)
   mask = np.zeros((len(examples), max_prompt_len), np.int32)
   for b, ex in enumerate(examples):
-    if ex["kind"] not in ("prompt", "prompt_answer"):
-      raise ValueError(f"tokenize_prompts takes 'prompt' or 'prompt_answer' examples; got {ex['kind']!r} "
-                       f"({ex.get('source', '?')}).")
-    prompt = list(ex["prompt"])
-    tokens, _ = _encode_truncated(tokenizer, prompt, len(prompt), None, max_len=max_prompt_len + 1,
-                                  max_prompt_len=max_prompt_len, stats=stats, overlong=overlong,
-                                  source=ex.get("source", "?"), truncation=truncation)
+    with _naming(ex, b, "prompt", "prompt"):
+      prompt = list(ex["prompt"])
+      tokens, _ = _encode_truncated(tokenizer, prompt, len(prompt), None, max_len=max_prompt_len + 1,
+                                    max_prompt_len=max_prompt_len, stats=stats, overlong=overlong,
+                                    source=ex.get("source"), truncation=truncation)
     if tokens:
       ids[b, -len(tokens):] = tokens
       mask[b, -len(tokens):] = 1
@@ -586,7 +627,10 @@ def make_collate(kind: str, tokenizer, *, stats: dict | None = None, truncation:
       ``num_completions`` for ranked) of the ``tokenize_*`` function.
 
   Returns:
-    ``collate(records) -> batch``, with the counters as ``collate.stats``.
+    ``collate(records) -> batch``, with the counters as ``collate.stats``. A record that does
+    not decode, or an example that is malformed (`rlhf_jax.data.formats.validate_example`) or
+    fails to tokenise, raises a one-line `DataError` naming its ``FILE:LINE`` source (when it
+    has one), ``record K of the batch`` and the field.
   """
   if kind not in _BY_KIND:
     raise ValueError(f"Unknown kind {kind!r}; expected one of {sorted(_BY_KIND)}.")
@@ -594,7 +638,14 @@ def make_collate(kind: str, tokenizer, *, stats: dict | None = None, truncation:
   stats = _stats(stats, truncation)
 
   def collate(records: list) -> dict:
-    batch = fn([decode_record(r) for r in records], tokenizer, stats=stats, truncation=truncation, **kwargs)
+    examples = []
+    for k, r in enumerate(records):
+      try:
+        examples.append(decode_record(r))
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(None, None, "json", "invalid record", f"{type(e).__name__}: {e}",
+                        record=f"record {k} of the batch") from None
+    batch = fn(examples, tokenizer, stats=stats, truncation=truncation, **kwargs)
     if warn_threshold is not None:
       warn_if_truncated(stats, threshold=warn_threshold, what=what)
     return batch
