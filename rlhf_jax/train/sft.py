@@ -41,6 +41,130 @@ def make_sft_loss(*, aggregation: str = "token-mean", logprob_chunk_size: int | 
   return loss_fn
 
 
+# objective -> what it reads besides the policy's target log-probs and the loss mask:
+# "ref" the reference's token log-probs, "ref_logits" the reference's and the policy's full logits,
+# and the per-row batch fields.
+OFFLINE_OBJECTIVES: dict[str, tuple[str, ...]] = {
+    "nll": (),
+    "dft": (),
+    "anchored_sft": ("ref_logits",),
+    "c_rlft": ("source_rewards_B",),
+    "a_lol": ("ref", "advantages_B"),
+    "a_lol_seq": ("ref", "advantages_B"),
+    "a_lol_kl": ("ref", "advantages_B"),
+    "a_lol_ref_free": ("advantages_B",),
+    "nft": ("ref", "correct_B", "correct_rate_B"),
+}
+"""The token-level objectives `make_offline_loss` trains, and the inputs each needs."""
+
+
+def needs_reference(objective: str) -> bool:
+  """Whether `make_offline_loss` of ``objective`` needs a reference model (log-probs or logits)."""
+  return bool({"ref", "ref_logits"} & set(OFFLINE_OBJECTIVES[objective]))
+
+
+def make_offline_loss(
+    objective: str = "nll",
+    *,
+    aggregation: str = "token-mean",
+    hparams: dict | None = None,
+    ref_graphdef=None,
+    logprob_chunk_size: int | None = None,
+):
+  """``loss_fn(model, batch, rng) -> (loss, aux)``: a weighted or token-level SFT objective.
+
+  Trains any objective of `OFFLINE_OBJECTIVES` (registered in `rlhf_jax.losses`, kinds
+  ``token``/``offline``) on the SFT batch layout of `make_sft_loss` (``input_ids_BxT``,
+  ``targets_BxT``, ``loss_mask_BxT``), with the fields it needs taken from the batch by name:
+
+  - ``weight_B`` (optional, any objective): a per-row weight multiplied into the mask, so the
+    aggregation counts row ``b``'s tokens ``weight_B[b]`` times (weighted SFT; 0 drops a row).
+  - ``source_rewards_B`` (``c_rlft``): the coarse reward of each row's data source (OpenChat).
+  - ``advantages_B`` (A-LoL): each row's advantage, its reward minus a value baseline.
+  - ``correct_B``, ``correct_rate_B`` (``nft``): 1 for a correct answer, and the accuracy of its
+    question's answers in the data.
+  - The reference, for A-LoL's importance ratio, NFT's ``π_old`` and ASFT's anchor: token
+    log-probs ``ref_logps_BxT`` precomputed in the batch, or ``extras["ref_params"]`` with
+    ``ref_graphdef`` (the frozen LoRA base, or a copy of the initial weights), run in the step.
+    ``anchored_sft`` needs the reference's full logits, so it always runs the reference, and the
+    policy's full ``[B, T, V]`` logits too (no chunking: memory grows with the vocabulary).
+
+  ``hparams`` go to the loss (e.g. ``epsilon``, ``kl_coef``, ``beta``). The per-token losses are
+  reduced with ``aggregation`` over the (weighted) mask.
+
+  Metrics: ``nll`` (the unweighted mean completion-token NLL), ``loss_tokens``, ``weight`` (the
+  accumulation weight), and ``ref_nll`` when a reference was used.
+
+  Raises:
+    ValueError: on an unknown objective, or a batch without a field the objective needs.
+  """
+  from flax import nnx
+
+  from rlhf_jax import losses as losses_lib
+
+  if objective not in OFFLINE_OBJECTIVES:
+    raise ValueError(f"unknown SFT objective {objective!r}; valid: {sorted(OFFLINE_OBJECTIVES)}")
+  needs = OFFLINE_OBJECTIVES[objective]
+  fn = losses_lib.get(objective)
+  reduce = ops.get_aggregation(aggregation)
+  hp = dict(hparams or {})
+
+  def forward(m, batch, full_logits):
+    kw = dict(segment_ids_BxT=batch.get("segment_ids_BxT"), positions_BxT=batch.get("positions_BxT"))
+    if full_logits:
+      logits = m(batch["input_ids_BxT"], **kw)
+      return ops.logprobs_from_logits(logits, batch["targets_BxT"]), logits
+    hidden, _ = m.hidden_states(batch["input_ids_BxT"], **kw)
+    return ops.token_logprobs(hidden, m.unembed_matrix(), batch["targets_BxT"], chunk_size=logprob_chunk_size), None
+
+  def reference(batch, full_logits):
+    if not full_logits and "ref_logps_BxT" in batch:
+      return jnp.asarray(batch["ref_logps_BxT"]), None
+    extras = batch.get("extras") or {}
+    if "ref_params" not in extras or ref_graphdef is None:
+      raise ValueError(f"SFT objective {objective!r} needs the reference: the batch has no ref_logps_BxT and no "
+                       "extras['ref_params'] with ref_graphdef")
+    lp, logits = forward(nnx.merge(ref_graphdef, extras["ref_params"]), batch, full_logits)
+    return jax.lax.stop_gradient(lp), None if logits is None else jax.lax.stop_gradient(logits)
+
+  def field(batch, name):
+    if name not in batch:
+      raise ValueError(f"SFT objective {objective!r} needs the batch field {name!r} (rows without it?)")
+    return jnp.asarray(batch[name], jnp.float32)
+
+  def loss_fn(model, batch, rng):
+    del rng
+    full = "ref_logits" in needs
+    logps, logits = forward(model, batch, full)
+    mask = batch["loss_mask_BxT"].astype(jnp.float32)
+    aux = {}
+    if "weight_B" in batch:
+      mask = mask * jnp.asarray(batch["weight_B"], jnp.float32)[:, None]
+    ref_lp = ref_logits = None
+    if "ref" in needs or full:
+      ref_lp, ref_logits = reference(batch, full)
+      aux["ref_nll"] = ops.token_mean(-ref_lp, batch["loss_mask_BxT"])
+    if objective in ("nll", "dft"):
+      per_token = fn(logps, mask)
+    elif objective == "anchored_sft":
+      per_token = fn(logps, mask, logits, ref_logits, **hp)
+    elif objective == "c_rlft":
+      per_token = fn(logps, mask, field(batch, "source_rewards_B"), **hp)
+    elif objective == "a_lol_ref_free":
+      per_token = fn(logps, field(batch, "advantages_B"), mask, **hp)
+    elif objective == "nft":
+      per_token = fn(logps, ref_lp, field(batch, "correct_B"), field(batch, "correct_rate_B"), mask, **hp)
+    else:  # a_lol, a_lol_seq, a_lol_kl
+      per_token = fn(logps, ref_lp, field(batch, "advantages_B"), mask, **hp)
+    loss = reduce(per_token, mask)
+    binary = batch["loss_mask_BxT"].astype(jnp.float32)
+    aux.update(weight=ops.aggregation_weight(aggregation, mask), nll=ops.token_mean(-logps, binary),
+               loss_tokens=binary.sum())
+    return loss, aux
+
+  return loss_fn
+
+
 def make_eval_fn(model_graphdef, batches: list[dict], put_batch):
   """Teacher-forced eval: NLL, token accuracy and exact match of completions.
 
