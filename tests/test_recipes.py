@@ -172,6 +172,30 @@ def test_dpo_loss_mix_and_bad_loss(tmp_path, capsys):
   assert "config.loss='kto'" in err and "Traceback" not in err
 
 
+def test_sft_recipe_weighted_objectives_read_their_row_columns(tmp_path, capsys):
+  """Half the rows come from a noisy source (a wrong answer): C-RLFT weighs them down by source,
+  A-LoL by reward; both lower the held-out NLL of the good answers. A missing column is one line."""
+  mixed = []
+  for r, j in zip(rows_for("sft", 96), range(96)):
+    noisy = j % 2 == 1
+    if noisy:
+      r["messages"][-1]["content"] = _bad(j)
+    mixed.append({**r, "source": "noisy" if noisy else "expert", "reward": 0.0 if noisy else 1.0})
+  train = write_jsonl(tmp_path / "mixed.jsonl", mixed)
+  held = write_jsonl(tmp_path / "held.jsonl", rows_for("sft", 24, offset=1000))
+  args = (f"--config.data.train_files={train}", f"--config.data.eval_files={held}", "--config.num_steps=15",
+          "--config.batch_size=8", "--config.optimizer.learning_rate=2e-3", *COMMON)
+  r = run("sft.py", tmp_path / "c_rlft", *args, "--config.loss.objective=c_rlft",
+          "--config.loss.source_rewards=expert:1,noisy:0.1")
+  assert r["objective"] == "c_rlft"
+  improved(r)
+  r = run("sft.py", tmp_path / "a_lol", *args, "--config.loss.objective=a_lol", "--config.loss_kwargs.epsilon=0.5")
+  improved(r)
+  run("sft.py", tmp_path / "nft", *args, "--config.loss.objective=nft", expect=2)
+  err = capsys.readouterr().err
+  assert "mixed.jsonl:1: field 'correct': missing" in err and "Traceback" not in err, err
+
+
 def test_sft_recipe_resume_load_run_and_export(tmp_path, capsys):
   import jax
   import torch

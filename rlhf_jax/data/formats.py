@@ -12,7 +12,8 @@ kind               keys
 ``ranked``         ``prompt``, ``completions`` (message lists, best first), ``scores``
 ``unpaired``       ``prompt``, ``completion``, ``label`` (bool: desirable or not; KTO)
 ``prompt_answer``  ``prompt``, ``answer`` (reference final answer), ``solution`` (full text)
-``sft``            ``messages``
+``sft``            ``messages``; ``fields`` when the row has other columns (e.g. ``weight``,
+                   ``reward``, ``source``, ``correct``: read by the weighted SFT objectives)
 ``prompt``         ``prompt``, ``fields`` (every other column of the row, as JSON values; for
                    online RL: reward functions get them, e.g. ``{"answer": "42"}``)
 =================  =======================================================================
@@ -35,7 +36,8 @@ Source formats (``fmt``), see `FORMATS`:
 - ``"kto"``: ``prompt``, ``completion``, ``label`` (bool) -> ``unpaired``.
 - ``"gsm8k"``: ``question``, ``answer`` whose final answer follows ``####`` ->
   ``prompt_answer`` (``"prompt"``/``"answer"`` with no ``####`` is accepted too).
-- ``"sft"``: ``messages`` (list of role/content dicts) -> ``sft``.
+- ``"sft"``: ``messages`` (list of role/content dicts) -> ``sft``; any other columns are kept
+  in ``fields`` (finite numbers only, as for ``prompt``).
 - ``"prompt"``: ``prompt`` (a string or a message list) plus any other columns, kept as-is
   in ``fields`` -> ``prompt`` (values that are not JSON types, e.g. Parquet dates, become
   strings).
@@ -498,7 +500,13 @@ def _parse_sft(row: dict) -> dict:
   msgs = _messages(_get(row, "messages"), "messages")
   if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
     raise _RowError("messages", "empty completion", "no non-empty assistant message")
-  return {"kind": "sft", "messages": msgs}
+  out = {"kind": "sft", "messages": msgs}
+  fields = {str(k): _json_value(v) for k, v in row.items() if k != "messages"}
+  if fields:  # per-row columns (weight, reward, source, correct, ...) for the weighted SFT objectives
+    for k, v in fields.items():
+      _check_finite(v, k)
+    out["fields"] = fields
+  return out
 
 
 def _json_value(value: Any) -> Any:

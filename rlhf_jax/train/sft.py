@@ -165,6 +165,112 @@ def make_offline_loss(
   return loss_fn
 
 
+def parse_source_rewards(spec: str) -> dict[str, float]:
+  """``"gpt4:1.0,gpt35:0.1"`` -> ``{"gpt4": 1.0, "gpt35": 0.1}`` (C-RLFT's coarse reward of each data source)."""
+  out = {}
+  for part in (p.strip() for p in spec.split(",") if p.strip()):
+    name, sep, value = part.rpartition(":")
+    try:
+      out[name.strip()] = float(value)
+    except ValueError:
+      sep = ""
+    if not sep or not name.strip():
+      raise ValueError(f"source rewards {spec!r}: expected NAME:NUMBER pairs separated by commas, got {part!r}")
+  return out
+
+
+def _prompt_key(example: dict) -> str:
+  import json
+
+  msgs = example.get("messages") or list(example.get("prompt", ()))
+  first = next((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), len(msgs))
+  return json.dumps(msgs[:first], sort_keys=True)
+
+
+def make_row_fields(objective: str, train_examples, *, source_rewards: dict[str, float] | None = None):
+  """``fields(examples) -> {name: [B] float32}``: the per-row batch fields `make_offline_loss` reads.
+
+  From each example's columns (``example["fields"]``, the JSONL row's other columns):
+
+  - ``weight`` (any objective, optional; ``>= 0``) -> ``weight_B`` (a missing weight is 1).
+  - ``c_rlft``: ``source_reward`` (a number), or ``source`` (a name) looked up in
+    ``source_rewards`` -> ``source_rewards_B``.
+  - A-LoL: ``advantage``, or ``reward`` minus the mean reward of ``train_examples`` (the value
+    baseline of the data) -> ``advantages_B``.
+  - ``nft``: ``correct`` (a bool or 0/1) -> ``correct_B``, and the accuracy of the training
+    rows with the same prompt -> ``correct_rate_B``.
+
+  Every training row is checked here, before training: a row without a column its objective
+  needs is a `ValueError` naming its ``FILE:LINE`` and the column.
+  """
+  import numpy as np
+
+  if objective not in OFFLINE_OBJECTIVES:
+    raise ValueError(f"unknown SFT objective {objective!r}; valid: {sorted(OFFLINE_OBJECTIVES)}")
+  source_rewards = dict(source_rewards or {})
+
+  def where(ex):
+    return ex.get("source") or "a row"
+
+  def number(ex, name, *, required=True, default=None):
+    value = (ex.get("fields") or {}).get(name, default)
+    if value is None:
+      if required:
+        raise ValueError(f"{where(ex)}: field {name!r}: missing (objective {objective!r} reads it from every row)")
+      return None
+    if isinstance(value, bool):
+      return float(value)
+    if not isinstance(value, (int, float)):
+      raise ValueError(f"{where(ex)}: field {name!r}: expected a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+  def source_reward(ex):
+    f = ex.get("fields") or {}
+    if "source_reward" in f:
+      return number(ex, "source_reward")
+    name = f.get("source")
+    if name is None:
+      raise ValueError(f"{where(ex)}: field 'source_reward' or 'source': missing (objective 'c_rlft' needs one)")
+    if str(name) not in source_rewards:
+      raise ValueError(f"{where(ex)}: field 'source': {name!r} has no reward in the source rewards "
+                       f"{source_rewards or '(none given)'}")
+    return source_rewards[str(name)]
+
+  baseline = 0.0
+  if objective.startswith("a_lol"):
+    rewards = [number(ex, "reward") for ex in train_examples if "advantage" not in (ex.get("fields") or {})]
+    baseline = float(np.mean(rewards)) if rewards else 0.0
+  rates = {}
+  if objective == "nft":
+    by_prompt: dict[str, list[float]] = {}
+    for ex in train_examples:
+      by_prompt.setdefault(_prompt_key(ex), []).append(number(ex, "correct"))
+    rates = {k: float(np.mean(v)) for k, v in by_prompt.items()}
+  has_weight = any("weight" in (ex.get("fields") or {}) for ex in train_examples)
+
+  def fields(examples) -> dict:
+    out = {}
+    if has_weight:
+      w = [number(ex, "weight", default=1.0) for ex in examples]
+      bad = [ex for ex, v in zip(examples, w) if not v >= 0]
+      if bad:
+        raise ValueError(f"{where(bad[0])}: field 'weight': must be >= 0")
+      out["weight_B"] = w
+    if objective == "c_rlft":
+      out["source_rewards_B"] = [source_reward(ex) for ex in examples]
+    elif objective.startswith("a_lol"):
+      out["advantages_B"] = [number(ex, "advantage") if "advantage" in (ex.get("fields") or {})
+                             else number(ex, "reward") - baseline for ex in examples]
+    elif objective == "nft":
+      out["correct_B"] = [number(ex, "correct") for ex in examples]
+      out["correct_rate_B"] = [rates.get(_prompt_key(ex), number(ex, "correct")) for ex in examples]
+    return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+  fields(list(train_examples))  # every training row checked now, before any training
+  fields.baseline = baseline
+  return fields
+
+
 def make_eval_fn(model_graphdef, batches: list[dict], put_batch):
   """Teacher-forced eval: NLL, token accuracy and exact match of completions.
 
