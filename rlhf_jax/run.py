@@ -10,9 +10,20 @@ a comma-separated list (``--config.lora.targets=wq,wv``) or a Python literal.
 and meanings (from the experiment's optional ``CONFIG_HELP = {"dotted.key": "one line"}``).
 
 Exit status: 0 done; 2 a user error (`rlhf_jax.errors.UserError`: a bad config
-value, a missing or malformed data file), printed as one ``error: ...`` line; 143
-stopped by SIGTERM and 130 by SIGINT (Ctrl-C), after saving a checkpoint the next
-run resumes from.
+value, a missing or malformed data file, a ``--workdir`` that is a file or cannot
+be written), printed as one ``error: ...`` line; 1 training stopped after
+``max_nonfinite_streak`` consecutive skipped updates (non-finite, or dropped by the
+``max_param_norm`` / ``loss_spike_factor`` guards: `rlhf_jax.train.loop.NonFiniteError`),
+one ``error: training stopped: ...`` line; 143 stopped by SIGTERM and 130 by SIGINT
+(Ctrl-C), after saving a checkpoint the next run resumes from.
+
+A signal that arrives before training (while Python imports JAX and the
+experiment, or while the config is read) stops the run at once with the same
+status and one line, ``stopped by SIGTERM before training started ...``: nothing
+has been written yet. Once the experiment's ``main`` runs, a SIGTERM (e.g. during
+the model build) is held until the next train loop, which stops before its first
+step, so no file is left half-written (one that arrives after the last loop, e.g.
+during the final export, lets the run finish: exit 0).
 """
 
 from __future__ import annotations
@@ -26,7 +37,48 @@ import signal
 import sys
 from typing import Any, Mapping, Sequence
 
-import ml_collections
+PREEMPTED_EXIT = {signal.SIGTERM: 143, signal.SIGINT: 130}
+"""The exit status of a run stopped by each signal (128 + the signal number, as a shell reports)."""
+
+
+class Preempted(SystemExit):
+  """Raised by the start-up signal handler: a ``SystemExit`` with status 143 (SIGTERM) or 130 (SIGINT),
+  so a signal during the imports of ``python -m rlhf_jax.run`` exits with that status and no traceback."""
+
+  def __init__(self, signum: int):
+    super().__init__(PREEMPTED_EXIT.get(signum, 128 + int(signum)))
+    self.signum = int(signum)
+
+
+def _startup_signal(signum, frame):
+  name = signal.Signals(signum).name
+  # os.write: safe even if the signal interrupted another write to stderr.
+  os.write(2, f"stopped by {name} before training started (exit {PREEMPTED_EXIT.get(signum, 128 + signum)}): "
+              "no checkpoint was written; rerun the same command to start\n".encode())
+  raise Preempted(signum)
+
+
+def install_startup_handlers() -> dict:
+  """Makes SIGTERM/SIGINT exit at once (`Preempted`) until a train loop takes them over; returns the
+  handlers replaced (for `restore_handlers`). Outside the main thread it does nothing."""
+  old = {}
+  for s in PREEMPTED_EXIT:
+    try:
+      old[s] = signal.signal(s, _startup_signal)
+    except ValueError:  # not the main thread
+      pass
+  return old
+
+
+def restore_handlers(old: Mapping) -> None:
+  for s, h in old.items():
+    signal.signal(s, signal.SIG_DFL if h is None else h)  # None: a handler not installed from Python
+
+
+if __name__ == "__main__":  # before the imports below (ml_collections, JAX through the experiment)
+  install_startup_handlers()
+
+import ml_collections  # noqa: E402
 
 USAGE = "usage: python -m rlhf_jax.run EXPERIMENT.py[:ARG] [--config.KEY=VALUE ...] [--workdir DIR] [--help]"
 
@@ -259,9 +311,44 @@ def exit_status(result: Any) -> int:
   return 130 if getattr(result, "signum", None) == signal.SIGINT else 143
 
 
+def check_workdir(workdir: str) -> None:
+  """Creates ``workdir`` if needed and checks that files can be written there.
+
+  Raises:
+    ConfigError: one line, when ``workdir`` is a file, cannot be created (a parent
+      is a file, no permission) or is not writable (read-only).
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir!r} is a file, not a directory; give a directory (created if missing)")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--workdir {workdir!r} cannot be created: {e.strerror or e}") from None
+  probe = os.path.join(workdir, f".rlhf_jax_write_test.{os.getpid()}")
+  try:
+    try:
+      with open(probe, "w") as f:
+        f.write("ok")
+    finally:
+      if os.path.exists(probe):
+        os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"--workdir {workdir!r} is not writable: {e.strerror or e}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """The command line; returns the exit status (see the module docstring)."""
   argv = sys.argv[1:] if argv is None else argv
+  startup = install_startup_handlers()
+  try:
+    return _main(argv, startup)
+  except Preempted as e:  # a signal before training: the handler printed its line
+    return int(e.code)
+  finally:
+    restore_handlers(startup)
+
+
+def _main(argv: Sequence[str], startup: Mapping) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   for noisy in ("absl", "orbax", "jax._src"):  # Orbax logs every save phase at INFO
     logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -284,8 +371,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if workdir is None:
       base = os.path.splitext(os.path.basename(spec.partition(":")[0]))[0]
       workdir = os.path.join("runs", base)
-    os.makedirs(workdir, exist_ok=True)
-    result = module.main(config, workdir)
+    check_workdir(workdir)
+    from rlhf_jax.train import loop
+
+    # From here a SIGTERM is held for the experiment's train loops (the next one stops before
+    # its first step, and saves) instead of interrupting a model build or a file being written;
+    # Ctrl-C outside a loop interrupts as it always did (KeyboardInterrupt).
+    sigint = startup.get(signal.SIGINT)
+    if signal.SIGINT in startup:
+      signal.signal(signal.SIGINT, signal.default_int_handler if sigint in (None, _startup_signal) else sigint)
+    with loop._StopFlag(signals=(signal.SIGTERM,)):
+      result = module.main(config, workdir)
   except UserError as e:
     message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
     print(f"error: {message}", file=sys.stderr, flush=True)
@@ -293,6 +389,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("interrupted (SIGINT)", file=sys.stderr, flush=True)
     return 130
+  except Exception as e:  # noqa: BLE001 - only the loops' NonFiniteError is reported here
+    from rlhf_jax.train.loop import NonFiniteError
+
+    if not isinstance(e, NonFiniteError):
+      raise
+    print(f"error: training stopped: {e}", file=sys.stderr, flush=True)
+    return 1
   return exit_status(result)
 
 

@@ -445,3 +445,41 @@ def test_a_non_utf8_byte_is_one_bad_line_not_a_bad_file(tmp_path):
   assert len(rows) == 2 and stats["skipped_by_reason"] == {"invalid UTF-8": 1}, stats
   with pytest.raises(formats.DataError, match=rf"^{path}:2: invalid UTF-8: byte \d+ of the line is b'\\xff'"):
     list(formats.read_examples(str(path), "preference"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A batch that does not split over the data-parallel devices.
+
+
+def test_a_batch_that_does_not_split_over_the_data_parallel_devices_is_an_error(tmp_path):
+  from rlhf_jax import parallel
+  from rlhf_jax.errors import ConfigError
+
+  state, _ = _quadratic()
+  calls = []
+
+  def step_fn(s, b):
+    calls.append(b["input_ids"].shape)
+    return s, {"loss": np.float32(0.0), "nonfinite_streak": 0}
+
+  def train(mesh, rows, workdir, **kw):
+    batches = iter([{"input_ids": np.zeros((rows, 3), np.int32)}] * 3)
+    return loop.train_loop(step_fn=step_fn, state=state, batches=batches, num_steps=2, workdir=str(workdir),
+                           put_batch=lambda b: parallel.host_local_to_global(b, mesh), progress=False,
+                           count_tokens=lambda b: 0, plot_keys=(), **kw)
+
+  eight = parallel.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+  with pytest.raises(ConfigError) as e:
+    train(eight, 4, tmp_path / "a")  # replicated: each of the 8 devices would compute all 4 rows
+  assert str(e.value) == ("config.batch_size: a batch of 4 rows does not split over the 8 data-parallel devices "
+                          "(mesh data=1 x fsdp=8), so every device would compute all 4; set batch_size to a "
+                          "multiple of 8 or use fewer devices (config.mesh)")
+  assert calls == []  # before the first step
+  cube = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  with pytest.raises(ConfigError, match=r"^config.sft.batch_size: a batch of 6 rows does not split over the 4 "
+                     r"data-parallel devices \(mesh data=2 x fsdp=2\)"):
+    train(cube, 6, tmp_path / "b", batch_key="sft.batch_size")
+  res = train(cube, 8, tmp_path / "c")
+  assert res.end_step == 2 and calls == [(8, 3), (8, 3)]
+  one = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  assert train(one, 3, tmp_path / "d").end_step == 2

@@ -109,7 +109,7 @@ COMMON = ("--config.max_len=96", "--config.max_prompt_len=48", "--config.eval_ba
 @pytest.mark.parametrize("experiment", ["sft.py", "dpo.py"])  # reward_model.py: the rows of dpo.py; grpo.py: test_demo_files
 def test_recipe_defaults_generate_their_data(tmp_path, experiment):
   """With no data.train_files a recipe writes its demo task to <workdir>/data and trains on it."""
-  r = run(experiment, tmp_path / "run", "--config.num_steps=2", "--config.batch_size=4", "--config.eval_batch_size=8",
+  r = run(experiment, tmp_path / "run", "--config.num_steps=2", "--config.batch_size=8", "--config.eval_batch_size=8",
           "--config.data.max_eval_examples=8")
   assert os.path.exists(tmp_path / "run" / "data" / "train.jsonl") and np.isfinite(r["headline"]["after"])
 
@@ -436,7 +436,7 @@ def test_sigint_saves_and_exits_130(tmp_path):
   wd = tmp_path / "sigint"
   cmd = [sys.executable, "-m", "rlhf_jax.run", os.path.join(EXP, "sft.py"), "--workdir", str(wd),
          f"--config.data.train_files={train}", f"--config.data.eval_files={held}", "--config.num_steps=100000",
-         "--config.batch_size=4", "--config.progress=false", *COMMON]
+         "--config.batch_size=8", "--config.progress=false", *COMMON]
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
   deadline = time.time() + 240
   logged = lambda: (wd / "metrics.jsonl").exists() and (wd / "metrics.jsonl").read_text().count("\n") >= 2

@@ -7,7 +7,9 @@ from rlhf_jax.parallel.mesh import (
     TRAIN_RULES,
     axis_rules,
     batch_sharding,
+    check_batch_divisible,
     current_rules,
+    data_parallel_axes,
     host_local_to_global,
     logical_to_spec,
     make_mesh,
@@ -18,8 +20,8 @@ from rlhf_jax.parallel.mesh import (
 )
 
 __all__ = [
-    "MESH_AXES", "SAMPLE_RULES", "TRAIN_RULES", "axis_rules", "batch_sharding",
-    "current_rules", "host_local_to_global", "initialize", "is_main_process",
+    "MESH_AXES", "SAMPLE_RULES", "TRAIN_RULES", "axis_rules", "batch_sharding", "check_batch_divisible",
+    "current_rules", "data_parallel_axes", "host_local_to_global", "initialize", "is_main_process",
     "logical_to_spec", "make_mesh", "replicated", "reshard", "state_shardings",
     "with_logical_constraint",
 ]

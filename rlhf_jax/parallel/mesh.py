@@ -234,3 +234,42 @@ def host_local_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rul
     else:
       out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
   return out
+
+
+def data_parallel_axes(mesh, rules: Rules | None = None) -> dict[str, int]:
+  """``{mesh axis: size}`` of the axes a batch is split over (the ``batch`` rule's axes in ``mesh``)."""
+  rules = dict(current_rules() if rules is None else rules)
+  target = rules.get("batch")
+  axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+  sizes = _mesh_axis_sizes(mesh)
+  return {a: int(sizes[a]) for a in axes if a in sizes}
+
+
+def check_batch_divisible(batch, *, key: str = "batch_size", rules: Rules | None = None) -> None:
+  """Raises when a device batch does not split over the mesh's data-parallel devices.
+
+  ``batch``: a pytree of global arrays (e.g. from :func:`host_local_to_global`). Each
+  array with a ``NamedSharding`` and a leading (batch) dimension must have that
+  dimension divisible by the product of the data-parallel axes (``data`` × ``fsdp``
+  under the default rules); otherwise :func:`batch_sharding` would replicate it and
+  every device would compute the whole batch. Host arrays and scalars are not checked.
+
+  Raises:
+    rlhf_jax.errors.ConfigError: one line naming the batch size, the data-parallel
+      size and ``config.<key>``, the key to change.
+  """
+  from rlhf_jax.errors import ConfigError
+
+  for x in jax.tree.leaves(batch):
+    sharding = getattr(x, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or not getattr(x, "ndim", 0):
+      continue
+    axes = data_parallel_axes(sharding.mesh, rules)
+    n = math.prod(axes.values())
+    rows = int(x.shape[0])
+    if n > 1 and rows % n:
+      where = " x ".join(f"{a}={s}" for a, s in axes.items())
+      raise ConfigError(
+          f"config.{key}: a batch of {rows} rows does not split over the {n} data-parallel devices (mesh {where}), "
+          f"so every device would compute all {rows}; set {key} to a multiple of {n} or use fewer devices "
+          f"(config.mesh)")

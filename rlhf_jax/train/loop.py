@@ -24,7 +24,7 @@ log = logging.getLogger("rlhf_jax")
 
 
 class NonFiniteError(RuntimeError):
-  """Raised after too many consecutive non-finite updates."""
+  """Raised after too many consecutive skipped updates (non-finite, or dropped by a step guard)."""
 
 
 @dataclasses.dataclass
@@ -47,12 +47,16 @@ class _StopFlag:
   flag entered while an outer one already holds a signal (one that arrived between
   stages, e.g. during an evaluation or a model build) starts with it set, so the next
   loop stops before its first step. Leaving a flag restores the handlers it replaced.
+
+  ``signals``: the signals it turns into the flag (default SIGTERM and SIGINT); the
+  runner's own outer flag takes SIGTERM only, so Ctrl-C outside a loop still interrupts.
   """
 
   _active: list["_StopFlag"] = []  # the entered flags, outermost first
 
-  def __init__(self):
+  def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
     self.signum = None
+    self.signals = tuple(signals)
     self._old = {}
 
   def __enter__(self):
@@ -60,7 +64,7 @@ class _StopFlag:
       if outer.signum is not None:
         self.signum = outer.signum
         break
-    for s in (signal.SIGTERM, signal.SIGINT):
+    for s in self.signals:
       try:
         self._old[s] = signal.signal(s, self._handle)
       except ValueError:  # not the main thread
@@ -268,6 +272,59 @@ def _data_metrics(data_stats) -> dict[str, float]:
   return stats_metrics(*data_stats)
 
 
+def _scalar(host: Mapping, key: str) -> float | None:
+  v = host.get(key)
+  if v is None or np.size(v) != 1:
+    return None
+  return float(np.asarray(v, np.float64).reshape(()))
+
+
+def _guard_reason(host: Mapping) -> str | None:
+  """Why a step guard (`rlhf_jax.train.step.make_train_step`) dropped this step's update, or None."""
+  if (_scalar(host, "skipped_param_norm") or 0.0) > 0:
+    norm = _scalar(host, "proposed_param_norm")
+    return ("the update would take the parameter norm" + (f" to {norm:.4g}" if norm is not None else "")
+            + " (above max_param_norm)")
+  if (_scalar(host, "skipped_loss_spike") or 0.0) > 0:
+    loss, mean = _scalar(host, "loss"), _scalar(host, "loss_ema")
+    return (f"the loss {loss:.4g} is a spike over the running mean {mean:.4g} (loss_spike_factor)"
+            if loss is not None and mean is not None else "the loss is a spike (loss_spike_factor)")
+  return None
+
+
+def _first_logged_loss(path: str) -> tuple[int, float] | None:
+  """``(step, loss)`` of the first row of a metrics file with a finite ``loss``, or None."""
+  try:
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:  # a torn line
+          continue
+        v = row.get("loss") if isinstance(row, dict) else None
+        if isinstance(v, (int, float)) and np.isfinite(v):
+          return int(row.get("step", 0)), float(v)
+  except OSError:
+    pass
+  return None
+
+
+def _warn_loss_growth(step: int, host: Mapping, growth: dict, factor: float) -> None:
+  """Logs one line the first time the loss exceeds ``factor`` × the run's first loss."""
+  loss = _scalar(host, "loss")
+  if loss is None or not np.isfinite(loss) or (_scalar(host, "update_skipped") or 0.0) > 0:
+    return
+  if growth["first"] is None:
+    growth["first"] = (step, loss)
+    return
+  first_step, first = growth["first"]
+  if first > 0 and loss > factor * first:
+    growth["warned"] = True
+    log.warning("step %d: the loss %.4g is %.0fx the run's first loss %.4g (step %d): training is diverging; "
+                "lower optimizer.learning_rate (max_param_norm / loss_spike_factor skip such updates)",
+                step, loss, loss / first, first, first_step)
+
+
 def train_loop(
     *,
     step_fn: Callable,
@@ -288,6 +345,8 @@ def train_loop(
     plot_keys: tuple[str, ...] = ("loss", "eval/loss", "grad_norm", "learning_rate"),
     data_stats: Mapping | Sequence[Mapping] | Callable[[], Mapping] | None = None,
     run_config: Mapping | None = None,
+    loss_growth_warning: float = 10.0,
+    batch_key: str = "batch_size",
 ) -> LoopResult:
   """Runs ``step_fn`` until ``state.step == num_steps``, resuming from the newest checkpoint.
 
@@ -302,8 +361,10 @@ def train_loop(
       SIGTERM/SIGINT; on start the newest checkpoint is restored.
     state_shardings: the shardings to restore into (defaults to ``state``'s).
     eval_fn: ``eval_fn(state) -> metrics``, every ``eval_every`` steps and at the end.
-    max_nonfinite_streak: after this many consecutive skipped (non-finite)
-      updates the run stops with :class:`NonFiniteError`.
+    max_nonfinite_streak: after this many consecutive skipped updates (the
+      step's ``nonfinite_streak``: non-finite ones, and those dropped by the step's
+      ``max_param_norm`` / ``loss_spike_factor`` guards) the run stops with
+      :class:`NonFiniteError`, whose message names the reason.
     data_stats: the data pipeline's counters (parse stats with skipped rows by
       reason, truncation stats; a dict, a list of dicts, or a function returning
       a dict), read at each logged step and written as ``data/...`` metrics
@@ -314,6 +375,13 @@ def train_loop(
       ``<workdir>/run_config.json``; on a resume, changed step counts, optimizer,
       schedule or batch size keys are warned about, and changed model, optimizer or
       data keys refuse the resume unless ``resume_changed="ok"`` (`record_run_config`).
+    loss_growth_warning: one warning line (logged once per run) when a step's loss
+      exceeds this factor times the run's first loss (its first step's; after a
+      resume, the first loss in ``metrics.jsonl``), e.g. a learning rate far too
+      high; 0 disables it. It only warns: the step's guards are what drop updates.
+    batch_key: the config key of the training batch size, named by the error
+      raised when a batch does not split over the mesh's data-parallel devices
+      (`rlhf_jax.parallel.check_batch_divisible`), before the first step.
 
   On a resume it prints ``resumed from step N of M (<checkpoint dir>)``, or
   ``already complete at step N (<checkpoint dir>): nothing to train`` when the
@@ -335,8 +403,12 @@ def train_loop(
   record_run_config(workdir, run_config, resumed=resuming)
   if resuming:
     resume_step = checkpointer.latest_step()
-    # A damaged newest checkpoint falls back to an older intact one (`Checkpointer.restore`).
-    state, data_state = checkpointer.restore(abstract_like(state, state_shardings), resume_step, like=state)
+    # A damaged newest checkpoint falls back to an older intact one (`Checkpointer.restore`); a
+    # checkpoint of an older TrainState (without its later fields) restores with them at 0.
+    from rlhf_jax.train.state import restore_compatible
+
+    state, data_state = restore_compatible(checkpointer, abstract_like(state, state_shardings), resume_step,
+                                           like=state)
     resume_step = getattr(checkpointer, "restored_step", None) or resume_step
     if data_state and hasattr(batches, "set_state"):
       batches.set_state(data_state)
@@ -365,6 +437,7 @@ def train_loop(
   pending = None  # (step, metrics on device, tokens, time): fetched one step late.
   window_tokens, window_start = 0, time.perf_counter()
   preempted = False
+  growth = {"first": _first_logged_loss(writer.path) if start and main else None, "warned": False}
 
   def flush(pend):
     nonlocal last, window_tokens, window_start
@@ -373,7 +446,12 @@ def train_loop(
     window_tokens += tokens
     bad = [k for k, v in host.items() if np.size(v) == 1 and not np.isfinite(np.asarray(v, np.float64)).all()]
     streak = int(np.asarray(host.get("nonfinite_streak", 0)))
+    guard = _guard_reason(host)
     if streak >= max_nonfinite_streak:
+      if guard and not bad:
+        raise NonFiniteError(
+            f"step {step}: {streak} consecutive updates skipped, the last because {guard} "
+            f"(limit max_nonfinite_streak={max_nonfinite_streak}); lower optimizer.learning_rate, or loosen the guard")
       raise NonFiniteError(
           f"step {step}: {streak} consecutive updates skipped as non-finite "
           f"(limit max_nonfinite_streak={max_nonfinite_streak}); non-finite metrics at this step: "
@@ -381,6 +459,10 @@ def train_loop(
       )
     if bad and main:
       log.warning("step %d: non-finite %s; update skipped", step, bad)
+    elif guard and main:
+      log.warning("step %d: update skipped: %s", step, guard)
+    if loss_growth_warning and main and not growth["warned"]:
+      _warn_loss_growth(step, host, growth, loss_growth_warning)
     if step % log_every == 0 or step == num_steps:
       elapsed = max(time.perf_counter() - window_start, 1e-9)
       host["tokens_per_sec"] = window_tokens / elapsed
@@ -400,7 +482,12 @@ def train_loop(
         break
       host_batch = next(batches)
       tokens = count_tokens(host_batch)
-      state, metrics = step_fn(state, put_batch(host_batch))
+      device_batch = put_batch(host_batch)
+      if step == start:  # a batch replicated on every data-parallel device is an error, not a slow run
+        from rlhf_jax.parallel import check_batch_divisible
+
+        check_batch_divisible(device_batch, key=batch_key)
+      state, metrics = step_fn(state, device_batch)
       step += 1
       if pending is not None:
         flush(pending)
@@ -428,7 +515,9 @@ def train_loop(
   writer.close()
   if main:
     if preempted:
-      log.warning("stopped by signal at step %d%s", step, "; checkpoint saved" if checkpointer is not None else "")
+      saved = "" if checkpointer is None else ("; checkpoint saved" if step > start else
+                                               "; no step taken since the last checkpoint, nothing saved")
+      log.warning("stopped by signal at step %d%s", step, saved)
     plot_curves(writer.path, os.path.join(workdir, "curves.png"), keys=plot_keys)
   return LoopResult(state, last, eval_metrics, preempted, start, step,
                     signum=int(stop.signum) if preempted and stop.signum is not None else None)

@@ -88,6 +88,11 @@ SHARED_HELP: dict[str, str] = {
     "optimizer.eps": "Adam epsilon",
     "optimizer.weight_decay": "decoupled weight decay (matrices only)",
     "optimizer.max_grad_norm": "clip the global gradient norm to this (0 = no clipping)",
+    "max_param_norm": "skip an update that would take the global parameter norm above this (0 = off); "
+                      "the metric param_norm shows the norm",
+    "loss_spike_factor": "skip an update whose loss exceeds this factor x the running mean of accepted losses "
+                         "(0 = off; > 1; for losses >= 0: SFT, DPO, reward model, not GRPO/PPO)",
+    "loss_spike_warmup": "accepted updates before loss_spike_factor acts",
     "mesh.data": "devices on the data-parallel axis",
     "mesh.fsdp": "devices on the fully-sharded axis (-1 = the rest)",
     "mesh.tensor": "devices on the tensor-parallel axis",
@@ -123,6 +128,9 @@ def shared_config(*, learning_rate: float = 1e-4, batch_size: int = 8, max_len: 
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", learning_rate=learning_rate, warmup_steps=0, schedule="cosine", end_value_ratio=0.1,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0))
+  c.max_param_norm = 0.0
+  c.loss_spike_factor = 0.0
+  c.loss_spike_warmup = 10
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.eval_every = 0
   c.eval_batch_size = 16
@@ -641,15 +649,28 @@ def demo_rows(fmt: str, split: str, n: int, *, seed: int = 0) -> list[dict]:
 def make_step(loss_fn, tx, graphdef, config, mesh, shardings, schedule, info, *, base_as_reference: bool = False,
               extras_from_metrics=None):
   """The jitted train step of ``loss_fn`` (wrapped by ``lora.lora_loss`` under LoRA: adapter dropout, and
-  with ``base_as_reference`` the frozen base as ``extras["ref_params"]``)."""
+  with ``base_as_reference`` the frozen base as ``extras["ref_params"]``).
+
+  The update guards come from ``config.max_param_norm``, ``config.loss_spike_factor`` and
+  ``config.loss_spike_warmup`` (see :func:`rlhf_jax.train.step.make_train_step`; absent keys: off);
+  a bad value is a ConfigError naming the key.
+  """
   from rlhf_jax.models import lora as lora_lib
   from rlhf_jax.train import step as step_lib
 
   if info["lora"]:
     loss_fn = lora_lib.lora_loss(loss_fn, base_as_reference=base_as_reference)
-  return step_lib.make_train_step(loss_fn, tx, graphdef, num_microbatches=int(config.num_microbatches), mesh=mesh,
-                                  state_shardings=shardings, learning_rate_fn=schedule,
-                                  extras_from_metrics=extras_from_metrics)
+  guards = dict(max_param_norm=float(config.get("max_param_norm", 0.0)),
+                loss_spike_factor=float(config.get("loss_spike_factor", 0.0)),
+                loss_spike_warmup=int(config.get("loss_spike_warmup", 10)))
+  try:
+    return step_lib.make_train_step(loss_fn, tx, graphdef, num_microbatches=int(config.num_microbatches), mesh=mesh,
+                                    state_shardings=shardings, learning_rate_fn=schedule,
+                                    extras_from_metrics=extras_from_metrics, **guards)
+  except ValueError as e:
+    if str(e).split("=")[0] in guards:
+      raise ConfigError(f"config.{e}") from None
+    raise
 
 
 def collates(kind: str, config, tok, data: Data, **kwargs):

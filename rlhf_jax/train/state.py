@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -17,16 +18,29 @@ class TrainState(NamedTuple):
   """Everything a step reads and writes.
 
   Attributes:
-    step: number of optimizer steps taken (skipped non-finite updates included).
+    step: number of optimizer steps taken (skipped updates included).
     params: ``nnx.State`` of the trained module.
     opt_state: the optax state.
     rng: a raw ``uint32[2]`` key, split once per step.
-    nonfinite_streak: consecutive steps whose update was skipped as non-finite.
-    nonfinite_total: all skipped steps.
+    nonfinite_streak: consecutive steps whose update was skipped: as non-finite,
+      or by a guard of :func:`rlhf_jax.train.step.make_train_step`
+      (``max_param_norm``, ``loss_spike_factor``). The loops stop a run after
+      ``max_nonfinite_streak`` of them, and a checkpoint saved while it is above
+      0 is not *healthy* (`rlhf_jax.checkpoint`).
+    nonfinite_total: all skipped steps (every reason).
     extras: algorithm state beside the policy (a dict of pytrees, e.g. the
       reference parameters of TR-DPO or a KL controller), or ``None``. The step
       hands it to the loss as ``batch["extras"]`` and updates it with the step's
       ``extras_update``; it is checkpointed with the rest.
+    loss_ema: ``float32`` running mean of the losses of accepted updates (the
+      plain mean of the first ``1 / (1 - loss_ema_decay)``, an exponential moving
+      average after), the reference of the step's ``loss_spike_factor`` guard.
+      ``None`` in a state built by hand: the step then keeps no loss average.
+    loss_count: ``int32`` number of accepted updates averaged into ``loss_ema``
+      (the guard's warm-up counts these), or ``None`` with ``loss_ema``.
+
+  A checkpoint written before ``loss_ema`` / ``loss_count`` existed restores with
+  both reset to 0 (`restore_compatible`).
   """
 
   step: jax.Array
@@ -36,9 +50,28 @@ class TrainState(NamedTuple):
   nonfinite_streak: jax.Array
   nonfinite_total: jax.Array
   extras: Any = None
+  loss_ema: Any = None
+  loss_count: Any = None
 
 
 FROZEN_PARAMS = "frozen_params"
+
+# Fields added after the first checkpoints were written: absent from older saved states.
+LATER_FIELDS = ("loss_ema", "loss_count")
+
+# The train state as checkpoints written before LATER_FIELDS saved it (a restore target for them).
+_EarlierTrainState = NamedTuple("_EarlierTrainState", [(f, Any) for f in TrainState._fields if f not in LATER_FIELDS])
+
+
+def _initial_scalars(seed: int) -> dict[str, jax.Array]:
+  return dict(
+      step=jnp.zeros((), jnp.int32),
+      rng=jax.random.PRNGKey(seed),
+      nonfinite_streak=jnp.zeros((), jnp.int32),
+      nonfinite_total=jnp.zeros((), jnp.int32),
+      loss_ema=jnp.zeros((), jnp.float32),
+      loss_count=jnp.zeros((), jnp.int32),
+  )
 
 
 def create_train_state(
@@ -66,12 +99,7 @@ def create_train_state(
   else:
     graphdef, params, frozen = nnx.split(model, trainable, ...)
     extras = {**(extras or {}), FROZEN_PARAMS: frozen}
-  scalars = dict(
-      step=jnp.zeros((), jnp.int32),
-      rng=jax.random.PRNGKey(seed),
-      nonfinite_streak=jnp.zeros((), jnp.int32),
-      nonfinite_total=jnp.zeros((), jnp.int32),
-  )
+  scalars = _initial_scalars(seed)
   if mesh is None:
     state = TrainState(params=params, opt_state=optimizer.init(params), extras=extras, **scalars)
     # Committed to the default device, as the step's outputs are: otherwise the
@@ -105,5 +133,61 @@ def train_state_shardings(params, optimizer: optax.GradientTransformation, mesh,
   )
   return TrainState(
       step=repl, params=param_sh, opt_state=opt_sh, rng=repl,
-      nonfinite_streak=repl, nonfinite_total=repl,
+      nonfinite_streak=repl, nonfinite_total=repl, loss_ema=repl, loss_count=repl,
   )
+
+
+def saved_fields(step_dir: str) -> set[str] | None:
+  """The top-level keys of the train state saved in a checkpoint step folder (``<step>/state``);
+  ``None`` when its metadata cannot be read (a damaged step: the restore reports that)."""
+  import orbax.checkpoint as ocp
+
+  path = os.path.join(step_dir, "state")
+  try:
+    with ocp.StandardCheckpointer() as ck:
+      meta = ck.metadata(path)
+  except Exception:  # noqa: BLE001 - unreadable metadata is the restore's damage to report
+    return None
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  return set(tree) if isinstance(tree, dict) else None
+
+
+def restore_compatible(checkpointer, abstract_state: TrainState, step: int, *, like: TrainState):
+  """``checkpointer.restore(abstract_state, step, like=like)`` that also reads an older checkpoint.
+
+  A state saved before the fields of :data:`LATER_FIELDS` existed is restored
+  without them, and they are filled in at their initial value (0) with the
+  shardings of ``abstract_state``: the loss-spike guard's warm-up starts again.
+  The newest step's saved keys decide the target; when that restore finds no
+  intact step (e.g. the newest, of the current format, is damaged and the older
+  ones are of the older format), it is tried once more with the other target.
+  """
+  from rlhf_jax.checkpoint.manager import CheckpointDamagedError
+
+  later = [f for f in LATER_FIELDS if getattr(abstract_state, f, None) is not None]
+  if not later or not isinstance(abstract_state, TrainState):
+    return checkpointer.restore(abstract_state, step, like=like)
+  legacy = _EarlierTrainState(**{f: getattr(abstract_state, f) for f in _EarlierTrainState._fields})
+
+  def fill(restored):
+    state, data = restored
+    if isinstance(state, TrainState):
+      return state, data
+    values = {}
+    for f in later:
+      target = getattr(abstract_state, f)
+      value = jnp.zeros(target.shape, target.dtype)
+      values[f] = jax.device_put(value, target.sharding) if target.sharding is not None else value
+    return TrainState(**state._asdict(), **values), data
+
+  fields = saved_fields(checkpointer.step_dir(step))
+  old_format = fields is not None and not all(f in fields for f in later)
+  first, second = (legacy, abstract_state) if old_format else (abstract_state, legacy)
+  try:
+    return fill(checkpointer.restore(first, step, like=like))
+  except CheckpointDamagedError as e:
+    try:
+      return fill(checkpointer.restore(second, step, like=like))
+    except CheckpointDamagedError:
+      raise e from None

@@ -12,6 +12,13 @@ micro-batches the step minimises ``Σ loss_i·w_i / Σ w_i``, which equals the
 loss of the whole batch for token-mean losses: 4 micro-batches of 2 sequences
 give the same update as one batch of 8. Metrics are averaged with the same
 weights; ``weight`` itself is summed.
+
+Guards: an update is dropped (parameters and optimizer state kept, the step
+counted) when its loss or a gradient is non-finite, and, when enabled, when it
+would take the global parameter norm above ``max_param_norm`` or its loss is a
+spike (above ``loss_spike_factor`` × the running mean of accepted losses, kept in
+``TrainState.loss_ema``). Every dropped update counts in ``nonfinite_streak``, so
+the loops' ``max_nonfinite_streak`` stops a run whose updates keep being dropped.
 """
 
 from __future__ import annotations
@@ -47,6 +54,12 @@ def _split_microbatches(batch, num_microbatches: int):
   return jax.tree.map(split, batch)
 
 
+def _global_norm(tree) -> jax.Array:
+  """The global L2 norm, accumulated in fp32 (bf16 parameters included): ``optax.tree.norm``, the
+  non-deprecated name of ``optax.global_norm``."""
+  return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+
+
 def _tree_all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
@@ -65,6 +78,10 @@ def make_train_step(
     extras_from_metrics: Callable[[Any, dict], Any] | None = None,
     donate: bool = True,
     jit: bool = True,
+    max_param_norm: float = 0.0,
+    loss_spike_factor: float = 0.0,
+    loss_spike_warmup: int = 10,
+    loss_ema_decay: float = 0.95,
 ):
   """Builds ``step(state, batch, rng=None) -> (state, metrics)``.
 
@@ -86,15 +103,48 @@ def make_train_step(
       ``batch["extras"]``.
     extras_from_metrics: ``(extras, metrics) -> extras`` run after the update with the
       step's (micro-batch averaged) loss metrics, e.g. BCO's running reward mean; skipped
-      (extras kept) when the update is skipped as non-finite.
+      (extras kept) when the update is skipped (non-finite, or dropped by a guard).
     donate: donate the input state's buffers.
     jit: ``False`` returns the plain function (for composition in a bigger jit).
+    max_param_norm: drop an update that would take the global L2 norm of the
+      trained parameters (``optax.tree.norm``) above this; 0 disables the guard.
+      A runaway learning rate is caught at its first update instead of training
+      on to a loss of thousands.
+    loss_spike_factor: drop an update whose loss ``l`` is a spike:
+      ``l - m > (loss_spike_factor - 1) · |m|`` with ``m = state.loss_ema`` (for a
+      positive mean: ``l > loss_spike_factor · m``), once ``loss_spike_warmup``
+      updates have been accepted; 0 disables the guard. Meant for losses bounded
+      below by 0 (cross-entropy, DPO, reward-model losses); leave it off for
+      policy-gradient losses near 0 or of either sign. The mean only follows
+      accepted updates, so a lasting jump of the loss is dropped step after step
+      until ``max_nonfinite_streak`` stops the run with a message.
+    loss_spike_warmup: accepted updates before the loss-spike guard acts (at least 1:
+      the first loss has no mean to be compared with).
+    loss_ema_decay: ``state.loss_ema`` is the plain mean of the first
+      ``1 / (1 - loss_ema_decay)`` accepted losses, then an exponential moving
+      average with this decay.
 
   Metrics: ``loss``, ``grad_norm`` (before clipping), ``weight``,
-  ``update_skipped`` (1 when the loss or a gradient was non-finite and the update
-  was dropped), ``loss_finite``, ``grads_finite``, ``nonfinite_streak``, every
-  entry of the loss's ``aux``, and ``learning_rate``.
+  ``param_norm`` (global norm of the parameters after the step),
+  ``update_skipped`` (1 when the update was dropped, for any reason),
+  ``loss_finite``, ``grads_finite``, ``skipped_param_norm`` and
+  ``skipped_loss_spike`` (1 when that guard dropped the update; 0 while it is
+  off), ``nonfinite_streak`` (consecutive dropped updates, every reason),
+  ``loss_ema`` (the running mean after the step, when the state keeps one),
+  ``proposed_param_norm`` (the norm the update would have given, with
+  ``max_param_norm``), every entry of the loss's ``aux``, and ``learning_rate``.
+  With both guards off the parameters, optimizer state and losses are those of
+  a step without guards, bit for bit.
   """
+  if not max_param_norm >= 0:
+    raise ValueError(f"max_param_norm={max_param_norm} must be >= 0 (0 disables the guard)")
+  if not loss_spike_factor >= 0 or 0 < loss_spike_factor <= 1:
+    raise ValueError(f"loss_spike_factor={loss_spike_factor} must be > 1, or 0 to disable the guard")
+  if loss_spike_warmup < 0:
+    raise ValueError(f"loss_spike_warmup={loss_spike_warmup} must be >= 0")
+  if not 0 <= loss_ema_decay < 1:
+    raise ValueError(f"loss_ema_decay={loss_ema_decay} must be in [0, 1)")
+  min_rate = 1.0 - float(loss_ema_decay)
 
   def merge(p, batch):
     extras = batch.get("extras")
@@ -152,8 +202,29 @@ def make_train_step(
 
     updates, new_opt_state = optimizer.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
+    guard_metrics = {}
+    skipped_norm = skipped_spike = jnp.array(False)
+    if max_param_norm:
+      proposed_norm = _global_norm(new_params)
+      skipped_norm = ok & ~(proposed_norm <= max_param_norm)  # an overflow to inf is a skip too
+      guard_metrics["proposed_param_norm"] = proposed_norm
+    tracked = state.loss_ema is not None and state.loss_count is not None
+    if loss_spike_factor:
+      if not tracked:
+        raise ValueError("loss_spike_factor needs a state that keeps loss_ema and loss_count "
+                         "(rlhf_jax.train.state.create_train_state makes one)")
+      mean = state.loss_ema
+      spike = loss - mean > (loss_spike_factor - 1.0) * jnp.abs(mean)
+      skipped_spike = ok & ~skipped_norm & (state.loss_count >= max(int(loss_spike_warmup), 1)) & spike
+    ok = ok & ~skipped_norm & ~skipped_spike
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     kept_params = keep(new_params, params)
+    loss_ema, loss_count = state.loss_ema, state.loss_count
+    if tracked:
+      rate = jnp.maximum(1.0 / (state.loss_count + 1).astype(jnp.float32), min_rate)
+      loss_ema = jnp.where(ok, state.loss_ema + rate * (loss - state.loss_ema), state.loss_ema)
+      loss_count = state.loss_count + ok.astype(jnp.int32)
+      guard_metrics["loss_ema"] = loss_ema
     extras = state.extras
     if extras_update is not None:
       extras = extras_update(extras, kept_params, state.step + 1)
@@ -167,14 +238,20 @@ def make_train_step(
         nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1),
         nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32),
         extras=extras,
+        loss_ema=loss_ema,
+        loss_count=loss_count,
     )
     metrics = dict(aux)
     metrics.update(
         loss=loss, grad_norm=grad_norm, weight=weight,
+        param_norm=_global_norm(kept_params),
         update_skipped=(~ok).astype(jnp.float32),
         loss_finite=loss_finite.astype(jnp.float32),
         grads_finite=grads_finite.astype(jnp.float32),
+        skipped_param_norm=skipped_norm.astype(jnp.float32),
+        skipped_loss_spike=skipped_spike.astype(jnp.float32),
         nonfinite_streak=new_state.nonfinite_streak,
+        **guard_metrics,
     )
     if learning_rate_fn is not None:
       metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
