@@ -193,3 +193,94 @@ def test_ld_alpha_and_wpo_weighting_in_the_step():
   wpo, aux = preference.make_preference_loss(beta=0.3, ref_graphdef=graphdef, use_weighting=True)(policy, batch, None)
   np.testing.assert_allclose(float(wpo), float(jnp.mean(per_pair * w)), rtol=1e-5)
   assert 0.0 < float(aux["wpo_weight"]) <= 1.0
+
+
+# ----------------------------------------------------------------------------- per-pair columns reach the losses
+
+def _byte_model(seed):
+  """A tiny model whose vocabulary covers the byte-level tokenizer (ChatML specials included)."""
+  import dataclasses
+
+  from rlhf_jax.models.tokenizer import Tokenizer
+
+  return models.create_model(dataclasses.replace(CFG, vocab_size=Tokenizer.byte_level().vocab_size), seed=seed)
+
+
+def _column_batch(tmp_path, rows):
+  import json as _json
+
+  from rlhf_jax.data import formats, tokenize
+  from rlhf_jax.models.tokenizer import Tokenizer
+
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+  examples, _ = formats.load_examples(str(path), "preference")
+  tok = Tokenizer.byte_level()
+  collate = tokenize.make_collate("pair", tok, max_len=48, max_prompt_len=16, pad_id=tok.pad_id, eos_id=tok.eos_id)
+  return collate(examples)
+
+
+def _rows(n=4, **columns):
+  rows = [{"prompt": f"sort {i} {i + 2} 1", "chosen": f"1 {i} {i + 2}", "rejected": f"{i + 2} 1 {i}"} for i in range(n)]
+  for name, values in columns.items():
+    for r, v in zip(rows, values):
+      r[name] = v
+  return rows
+
+
+def _with_ref(model_ref, b):
+  r = preference.concatenated_logps(model_ref, b)
+  return {**b, "ref_chosen_logps_B": r["chosen"].seq_B, "ref_rejected_logps_B": r["rejected"].seq_B}
+
+
+def test_gold_column_trains_tpo_with_a_third_member_in_the_forward(tmp_path):
+  policy, ref = _byte_model(1), _byte_model(2)
+  b = _with_ref(ref, _column_batch(tmp_path, _rows(gold=[f"1 {i} {i + 2}!" for i in range(4)])))
+  assert b["gold_input_ids_BxT"].shape == b["chosen_input_ids_BxT"].shape
+  loss, _ = preference.make_preference_loss([("tpo", 1.0, {})], beta=0.2)(policy, b, None)
+  gold = _seq_logps(policy, b["gold_input_ids_BxT"], b["gold_targets_BxT"], b["gold_loss_mask_BxT"])
+  pol = preference.concatenated_logps(policy, b)
+  want = losses.get("tpo")(pol["chosen"].seq_B, pol["rejected"].seq_B, b["ref_chosen_logps_B"], b["ref_rejected_logps_B"],
+                           beta=0.2, policy_gold_logps=jnp.asarray(gold), gold_lengths=b["gold_loss_mask_BxT"].sum(-1),
+                           chosen_lengths=pol["chosen"].lengths_B, rejected_lengths=pol["rejected"].lengths_B)
+  assert np.isfinite(float(loss))
+  np.testing.assert_allclose(float(loss), float(jnp.mean(want)), rtol=1e-5)
+  with pytest.raises(ValueError, match="per-pair column 'gold'"):
+    preference.make_preference_loss([("tpo", 1.0, {})])(policy, _with_ref(ref, _column_batch(tmp_path, _rows())), None)
+
+
+def test_per_pair_beta_weight_and_modpo_margins(tmp_path):
+  policy, ref = _byte_model(1), _byte_model(2)
+  betas, margins_c, margins_r = [0.1, 0.5, 1.0, 2.0], [[1.0], [0.0], [2.0], [0.5]], [[0.0], [1.0], [0.5], [0.5]]
+  b = _with_ref(ref, _column_batch(tmp_path, _rows(beta=betas, margin_rewards_chosen=margins_c,
+                                                   margin_rewards_rejected=margins_r)))
+  pol = preference.concatenated_logps(policy, b)
+  pc, pr, rc, rr = pol["chosen"].seq_B, pol["rejected"].seq_B, b["ref_chosen_logps_B"], b["ref_rejected_logps_B"]
+  loss, aux = preference.make_preference_loss([("sigmoid", 1.0, {})], beta=0.3)(policy, b, None)
+  margin = np.asarray(betas) * np.asarray((pc - rc) - (pr - rr))
+  assert np.all(np.isfinite(margin))
+  np.testing.assert_allclose(float(loss), np.mean(np.logaddexp(0.0, -margin)), rtol=1e-5)
+  np.testing.assert_allclose(float(aux["rewards/margins"]), margin.mean(), rtol=1e-4, atol=1e-6)
+  w = np.array([0.7, 0.3], np.float32)
+  loss, _ = preference.make_preference_loss([("modpo", 1.0, {"weights": w})], beta=0.3)(policy, b, None)
+  want = losses.get("modpo")(pc, pr, rc, rr, beta=jnp.asarray(betas), margin_rewards_chosen_BxK=jnp.asarray(margins_c),
+                             margin_rewards_rejected_BxK=jnp.asarray(margins_r), weights=w,
+                             chosen_lengths=pol["chosen"].lengths_B, rejected_lengths=pol["rejected"].lengths_B)
+  np.testing.assert_allclose(float(loss), float(jnp.mean(want)), rtol=1e-5)
+  # A pair weight k counts the pair k times.
+  copies = [1, 3, 0, 2]
+  weighted = _with_ref(ref, _column_batch(tmp_path, _rows(weight=copies)))
+  repeated = _with_ref(ref, _column_batch(tmp_path, [r for r, k in zip(_rows(), copies) for _ in range(k)]))
+  fn = preference.make_preference_loss([("sigmoid", 1.0, {})], beta=0.3)
+  (lw, aw), (lr, ar) = fn(policy, weighted, None), fn(policy, repeated, None)
+  np.testing.assert_allclose(float(lw), float(lr), rtol=1e-5)
+  assert float(aw["weight"]) == float(ar["weight"]) == 6.0
+
+
+def test_per_pair_columns_in_some_rows_only_are_an_error(tmp_path):
+  from rlhf_jax.data.formats import DataError
+
+  with pytest.raises(DataError, match=r"record 1 of the batch\): field 'beta': missing field"):
+    _column_batch(tmp_path, _rows(n=2, beta=[0.5]))
+  with pytest.raises(DataError, match="field 'beta': bad value"):
+    _column_batch(tmp_path, _rows(n=2, beta=[0.5, -1.0]))

@@ -8,7 +8,8 @@ plain-string response one assistant message.
 =================  =======================================================================
 kind               keys
 =================  =======================================================================
-``pair``           ``prompt``, ``chosen``, ``rejected`` (message lists)
+``pair``           ``prompt``, ``chosen``, ``rejected`` (message lists); ``fields`` with the
+                   per-pair columns of `PAIR_FIELDS` when the row has any
 ``ranked``         ``prompt``, ``completions`` (message lists, best first), ``scores``
 ``unpaired``       ``prompt``, ``completion``, ``label`` (bool: desirable or not; KTO)
 ``prompt_answer``  ``prompt``, ``answer`` (reference final answer), ``solution`` (full text)
@@ -16,6 +17,8 @@ kind               keys
                    ``reward``, ``source``, ``correct``: read by the weighted SFT objectives)
 ``prompt``         ``prompt``, ``fields`` (every other column of the row, as JSON values; for
                    online RL: reward functions get them, e.g. ``{"answer": "42"}``)
+``stepwise``       ``prompt``, ``steps`` (the reasoning steps of one solution, strings), ``labels``
+                   (one float in ``[0, 1]`` per step: 1 correct, 0 wrong; process reward models)
 =================  =======================================================================
 
 Each example also has ``"source"``: ``"FILE:LINE"`` (JSONL, 1-based physical line) or
@@ -41,6 +44,14 @@ Source formats (``fmt``), see `FORMATS`:
 - ``"prompt"``: ``prompt`` (a string or a message list) plus any other columns, kept as-is
   in ``fields`` -> ``prompt`` (values that are not JSON types, e.g. Parquet dates, become
   strings).
+- ``"stepwise"``: step-level supervision for process reward models (Lightman et al. 2023, PRM800K;
+  Wang et al. 2024, Math-Shepherd): ``prompt`` (or ``question``; a string or a message list),
+  ``steps`` (or ``completions``, the naming of TRL's stepwise-supervision datasets such as
+  ``trl-lib/math_shepherd`` and ``trl-lib/prm800k``): a non-empty list of non-empty strings, and
+  ``labels``: one per step, a bool or a soft label in ``[0, 1]`` (e.g. Math-Shepherd's estimated
+  step value) -> ``stepwise``. Read it with ``read_examples(path, "stepwise")`` /
+  ``load_examples``; it is not (yet) one of `FORMATS`, because format auto-detection and
+  ``load_dataset`` (`rlhf_jax.data.sources`) do not know it.
 
 Bad rows (unparsable JSON, a missing field, a wrong type, an empty completion, a chat role
 outside `ROLES`, a non-finite number such as ``NaN``/``Infinity`` in a score or a ``prompt``
@@ -86,6 +97,7 @@ __all__ = [
     "FORMATS",
     "KIND_OF_FORMAT",
     "ROLES",
+    "STEPWISE_FORMAT",
     "best_worst_pair",
     "load_examples",
     "merge_stats",
@@ -377,19 +389,57 @@ def _parse_hh(row: dict) -> dict:
   return {"kind": "pair", "prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+PAIR_FIELDS = ("gold", "beta", "weight", "margin_rewards_chosen", "margin_rewards_rejected")
+"""Per-pair columns a ``preference`` row may carry, kept in the example's ``fields``: ``gold`` (a
+gold response, TPO), ``beta`` (a per-pair β > 0, e.g. MM-DPO's reward-scaled β), ``weight`` (a
+per-pair loss weight >= 0), ``margin_rewards_chosen``/``margin_rewards_rejected`` (MODPO: the
+other objectives' reward-model scores of each response, equal-length lists)."""
+
+
+def _pair_fields(row: dict) -> dict:
+  out = {}
+  if row.get("gold") is not None:
+    out["gold"] = _response(row["gold"], "gold")
+  if row.get("beta") is not None:
+    out["beta"] = _number(row["beta"], "beta")
+    if not out["beta"] > 0:
+      raise _RowError("beta", "bad value", f"a per-pair beta must be > 0, got {out['beta']}")
+  if row.get("weight") is not None:
+    out["weight"] = _number(row["weight"], "weight")
+    if not out["weight"] >= 0:
+      raise _RowError("weight", "bad value", f"a pair weight must be >= 0, got {out['weight']}")
+  margins = [k for k in ("margin_rewards_chosen", "margin_rewards_rejected") if row.get(k) is not None]
+  if margins and len(margins) != 2:
+    missing = ({"margin_rewards_chosen", "margin_rewards_rejected"} - set(margins)).pop()
+    raise _RowError(missing, "missing field", "margin rewards need both the chosen and the rejected scores")
+  for k in margins:
+    v = row[k]
+    if not isinstance(v, list) or not v:
+      raise _RowError(k, "wrong type", f"expected a non-empty list of numbers, got {type(v).__name__}")
+    out[k] = [_number(x, f"{k}[{i}]") for i, x in enumerate(v)]
+  if margins and len(out["margin_rewards_chosen"]) != len(out["margin_rewards_rejected"]):
+    raise _RowError("margin_rewards_rejected", "bad value", "the chosen and rejected margin rewards differ in length")
+  return out
+
+
 def _parse_preference(row: dict) -> dict:
   if "prompt" not in row or row["prompt"] is None:
     chosen, rejected = _get(row, "chosen"), _get(row, "rejected")
     if isinstance(chosen, str) or isinstance(rejected, str):
       raise _RowError("prompt", "missing field")
     prompt, c, r = _split_common(_messages(chosen, "chosen"), _messages(rejected, "rejected"))
-    return {"kind": "pair", "prompt": prompt, "chosen": c, "rejected": r}
-  return {
-      "kind": "pair",
-      "prompt": _prompt(row["prompt"], "prompt"),
-      "chosen": _response(_get(row, "chosen"), "chosen"),
-      "rejected": _response(_get(row, "rejected"), "rejected"),
-  }
+    out = {"kind": "pair", "prompt": prompt, "chosen": c, "rejected": r}
+  else:
+    out = {
+        "kind": "pair",
+        "prompt": _prompt(row["prompt"], "prompt"),
+        "chosen": _response(_get(row, "chosen"), "chosen"),
+        "rejected": _response(_get(row, "rejected"), "rejected"),
+    }
+  fields = _pair_fields(row)
+  if fields:
+    out["fields"] = fields
+  return out
 
 
 def _number(value: Any, field: str) -> float:
@@ -522,6 +572,45 @@ def _parse_prompt(row: dict) -> dict:
   return {"kind": "prompt", "prompt": prompt, "fields": fields}
 
 
+STEPWISE_FORMAT = "stepwise"
+"""The step-label source format (and example kind) of process reward models, read by `read_examples`."""
+
+
+def _step_label(value: Any, field: str) -> float:
+  """A step label as a float in [0, 1]: a bool (1.0 correct, 0.0 wrong) or a finite number in [0, 1]."""
+  if isinstance(value, bool):
+    return float(value)
+  if not isinstance(value, (int, float)):
+    raise _RowError(field, "wrong type", f"expected a bool or a number in [0, 1], got {type(value).__name__}")
+  v = _number(value, field)
+  if not 0.0 <= v <= 1.0:
+    hint = " (map PRM800K ratings -1/0/1 to bools first, e.g. rating > 0)" if v == -1.0 else ""
+    raise _RowError(field, "bad value", f"a step label must be a bool or lie in [0, 1], got {value}{hint}")
+  return v
+
+
+def _steps_and_labels(steps: Any, labels: Any, steps_field: str = "steps") -> tuple[list[str], list[float]]:
+  """The validated steps (non-empty strings) and labels (one per step, floats in [0, 1])."""
+  if not isinstance(steps, (list, tuple)):
+    raise _RowError(steps_field, "wrong type", f"expected a list of step strings, got {type(steps).__name__}")
+  if not steps:
+    raise _RowError(steps_field, "empty completion", "the solution has no steps")
+  out_steps = [_string(x, f"{steps_field}[{i}]") for i, x in enumerate(steps)]
+  if not isinstance(labels, (list, tuple)):
+    raise _RowError("labels", "wrong type", f"expected a list of step labels, got {type(labels).__name__}")
+  if len(labels) != len(out_steps):
+    raise _RowError("labels", "length mismatch",
+                    f"{len(labels)} labels for {len(out_steps)} steps (one label per step)")
+  return out_steps, [_step_label(x, f"labels[{i}]") for i, x in enumerate(labels)]
+
+
+def _parse_stepwise(row: dict) -> dict:
+  prompt = _prompt(_get(row, "prompt", "question"), "prompt")
+  steps_field = "steps" if row.get("steps") is not None or row.get("completions") is None else "completions"
+  steps, labels = _steps_and_labels(_get(row, steps_field), _get(row, "labels"), steps_field)
+  return {"kind": STEPWISE_FORMAT, "prompt": prompt, "steps": steps, "labels": labels}
+
+
 _PARSERS = {
     "hh_rlhf": _parse_hh,
     "preference": _parse_preference,
@@ -531,6 +620,7 @@ _PARSERS = {
     "gsm8k": _parse_gsm8k,
     "sft": _parse_sft,
     "prompt": _parse_prompt,
+    STEPWISE_FORMAT: _parse_stepwise,  # not in FORMATS: rlhf_jax.data.sources cannot detect it yet
 }
 
 
@@ -659,13 +749,15 @@ def _where(example: Any) -> tuple[str | None, int | str | None]:
 # Kinds of example each batch kind takes (see `rlhf_jax.data.tokenize`).
 _TAKES = {"pair": ("pair",), "sft": ("sft", "pair", "unpaired"), "unpaired": ("unpaired",), "ranked": ("ranked",),
           "prompt": ("prompt", "prompt_answer"), "prompt_answer": ("prompt", "prompt_answer")}
+_TAKES[STEPWISE_FORMAT] = (STEPWISE_FORMAT,)
+_KINDS = frozenset(KIND_OF_FORMAT.values()) | {STEPWISE_FORMAT}
 
 
 def _check_example(ex: Any, kinds: tuple[str, ...]) -> None:
   if not isinstance(ex, dict):
     raise _RowError(None, "wrong type", f"the record is a {type(ex).__name__}, not a normalised example dict")
   kind = ex.get("kind")
-  if kind not in KIND_OF_FORMAT.values():
+  if kind not in _KINDS:
     raise _RowError("kind", "wrong type" if "kind" in ex else "missing field",
                     f"{kind!r} is not an example kind ({', '.join(sorted(_TAKES))})")
   if kind not in kinds:
@@ -693,6 +785,8 @@ def _check_example(ex: Any, kinds: tuple[str, ...]) -> None:
     for j, (c, sc) in enumerate(zip(comps, scores)):
       _messages(c, f"completions[{j}]")
       _number(sc, f"scores[{j}]")
+  elif kind == STEPWISE_FORMAT:
+    _steps_and_labels(req("steps"), req("labels"))
   elif kind == "prompt_answer":
     _string(req("answer"), "answer", allow_empty=True)
   elif kind == "prompt":
@@ -803,6 +897,15 @@ _SAMPLE_ROWS: dict[str, list[dict]] = {
     ],
 }
 _SAMPLE_ROWS["ultrafeedback_pairs"] = _SAMPLE_ROWS["ultrafeedback"]
+_SAMPLE_ROWS[STEPWISE_FORMAT] = [
+    {"prompt": "Add 3, 4 and 5.", "steps": ["3 + 4 = 7", "7 + 5 = 12", "The answer is 12."],
+     "labels": [True, True, True]},
+    {"prompt": "Add 2, 9 and 1.", "steps": ["2 + 9 = 10", "10 + 1 = 11", "The answer is 11."],
+     "labels": [False, False, False]},
+    {"prompt": [{"role": "user", "content": "Double 6, then add 1."}], "completions": ["6 * 2 = 12", "12 + 1 = 13"],
+     "labels": [1.0, 0.75]},
+    {"prompt": "Add 8 and 8.", "steps": ["8 + 8 = 16"], "labels": [True]},
+]
 
 
 def sample_rows(fmt: str, num_rows: int | None = None, *, flat_only: bool = False) -> list[dict]:

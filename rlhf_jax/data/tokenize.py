@@ -53,7 +53,9 @@ plus ``labels_B`` (1.0 desirable); ranked -> ``{...}_BxKxT``, ``scores_BxK``,
 ``list_mask_BxK``; prompts (``prompt`` and ``prompt_answer``) -> left-padded
 ``prompt_ids_BxP``, ``prompt_mask_BxP``, ``fields`` (a list of dicts, host-side only: a
 ``prompt`` example's extra columns, ``{"answer", "solution"}`` for ``prompt_answer``) and
-``answers`` (a list of strings) when every example has one.
+``answers`` (a list of strings) when every example has one; step-labelled solutions
+(``stepwise``, `tokenize_steps`) -> ``input_ids_BxT``, ``attention_mask_BxT``, ``step_mask_BxT``,
+``step_labels_BxT``.
 
 **Packing** (`pack_rows`): several SFT sequences per row, with ``segment_ids_BxT``
 (1, 2, ... per sequence, 0 on padding) and ``positions_BxT`` (restarting at 0 in every
@@ -72,7 +74,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from rlhf_jax.data.formats import DataError, validate_example
+from rlhf_jax.data.formats import PAIR_FIELDS, STEPWISE_FORMAT, DataError, validate_example
 
 __all__ = [
     "TRUNCATIONS",
@@ -85,6 +87,7 @@ __all__ = [
     "tokenize_prompts",
     "tokenize_ranked",
     "tokenize_sft",
+    "tokenize_steps",
     "tokenize_unpaired",
     "truncate",
     "warn_if_truncated",
@@ -451,10 +454,41 @@ def tokenize_pairs(examples: Sequence[dict], tokenizer, *, max_len: int, max_pro
     for side in ("chosen", "rejected"):
       with _naming(ex, k, "pair", side, check=side == "chosen"):
         rows[side].append(_prompt_response_row(tokenizer, ex["prompt"], ex[side], source=ex.get("source"), **kw))
+  per_pair = _pair_columns(examples)
+  if "gold" in per_pair:
+    rows["gold"] = []
+    for k, ex in enumerate(examples):
+      with _naming(ex, k, "pair", "gold", check=False):
+        rows["gold"].append(_prompt_response_row(tokenizer, ex["prompt"], ex["fields"]["gold"],
+                                                 source=ex.get("source"), **kw))
   out = {}
-  for side in ("chosen", "rejected"):
+  for side in rows:
     out.update(_stack(rows[side], f"{side}_"))
+  for name, key in (("beta", "beta_B"), ("weight", "weight_B"), ("margin_rewards_chosen", "margin_rewards_chosen_BxK"),
+                    ("margin_rewards_rejected", "margin_rewards_rejected_BxK")):
+    if name in per_pair:
+      out[key] = np.asarray([ex["fields"][name] for ex in examples], np.float32)
   return out
+
+
+def _pair_columns(examples: Sequence[dict]) -> set[str]:
+  """The per-pair columns (`rlhf_jax.data.formats.PAIR_FIELDS`) of a batch: each must be in every
+  row of the batch or in none (a `DataError` names the first row without it); margin lists must
+  have one length."""
+  have = [set((ex.get("fields") or {}).keys()) & set(PAIR_FIELDS) for ex in examples]
+  used = set().union(*have) if have else set()
+  for name in sorted(used):
+    for k, (ex, h) in enumerate(zip(examples, have)):
+      if name not in h:
+        raise DataError(*_split_source(ex.get("source")), name, "missing field",
+                        f"other rows of the batch have {name!r}: a per-pair column must be in every row or none",
+                        record=f"record {k} of the batch")
+  if "margin_rewards_chosen" in used:
+    lengths = {len(ex["fields"]["margin_rewards_chosen"]) for ex in examples}
+    if len(lengths) > 1:
+      raise DataError(None, None, "margin_rewards_chosen", "bad value",
+                      f"rows of one batch have different numbers of margin rewards: {sorted(lengths)}")
+  return used
 
 
 def tokenize_sft(examples: Sequence[dict], tokenizer, *, max_len: int, max_prompt_len: int | None = None,
@@ -588,6 +622,132 @@ def tokenize_prompts(examples: Sequence[dict], tokenizer, *, max_prompt_len: int
   return out
 
 
+def _steps_response(tokenizer, prompt, steps, labels, step_separator, eos_id):
+  """``(tokens, step_marks, step_labels)`` of the response that renders ``step_separator.join(steps)``.
+
+  The assistant text comes from the chat template as for the other kinds (what
+  ``apply_chat_template(prompt + [assistant], False)`` adds after the generation prompt). The step
+  texts are encoded one by one (``step + step_separator``, the last step alone), so a step's last
+  token is known exactly whatever the tokenizer merges; the text the template puts around the
+  content (e.g. an end-of-turn token) is encoded on its own.
+  """
+  content = step_separator.join(steps)
+  upto = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
+  full = tokenizer.apply_chat_template(list(prompt) + [{"role": "assistant", "content": content}],
+                                       add_generation_prompt=False)
+  if not full.startswith(upto):
+    raise ValueError("The chat template does not render the prompt as a prefix of prompt + response.")
+  response = full[len(upto):]
+  at = response.find(content)
+  if at < 0:
+    raise ValueError("The chat template changes the assistant text (e.g. strips it), so the step ends cannot "
+                     "be placed; strip the steps' outer whitespace")
+  tokens = _encode(tokenizer, response[:at])
+  marks, labs = [0.0] * len(tokens), [0.0] * len(tokens)
+  pieces = [s + step_separator for s in steps[:-1]] + [steps[-1]]
+  for j, (piece, label) in enumerate(zip(pieces, labels)):
+    ids = _encode(tokenizer, piece)
+    if not ids:
+      raise ValueError(f"step {j} encodes to no tokens")
+    tokens += ids
+    marks += [0.0] * (len(ids) - 1) + [1.0]
+    labs += [0.0] * (len(ids) - 1) + [float(label)]
+  tail = _encode(tokenizer, response[at + len(content):]) + ([int(eos_id)] if eos_id is not None else [])
+  return tokens + tail, marks + [0.0] * len(tail), labs + [0.0] * len(tail)
+
+
+def tokenize_steps(examples: Sequence[dict], tokenizer, *, max_len: int, max_prompt_len: int | None = None,
+                   step_separator: str = "\n", pad_id: int = 0, eos_id: int | None = None,
+                   stats: dict | None = None, overlong: str = "truncate",
+                   truncation: str = "tokens") -> dict[str, np.ndarray]:
+  """``stepwise`` examples (step-labelled solutions) -> process-reward-model batches.
+
+  The row is the prompt (``apply_chat_template(prompt, add_generation_prompt=True)``) followed by
+  the assistant turn whose text is ``step_separator.join(steps)``, as the chat template renders
+  it. Each step's score is read at its last token: the separator that ends it (the last step:
+  its own last token, before the template's end of turn). The step texts are encoded one at a
+  time (as TRL's ``PRMTrainer`` does), so the step ends are exact; a step may contain the
+  separator. ``step_mask_BxT`` is aligned with the tokens themselves (not shifted like an SFT
+  ``loss_mask``): the score of a step is the head's output at that token, which has seen the
+  prompt and every step up to and including it (Lightman et al. 2023, *Let's Verify Step by
+  Step*; Wang et al. 2024, *Math-Shepherd*).
+
+  Truncation: the prompt by the ``truncation`` policy (as `tokenize_prompts`), then the
+  solution is cut at the right to ``max_len``; a step whose last token is cut away loses its
+  label (counted in ``stats["steps_dropped"]``).
+
+  Args:
+    examples: normalised ``stepwise`` examples (`rlhf_jax.data.formats`, format ``"stepwise"``).
+    tokenizer: see `Tokenizer`.
+    max_len: ``T``, the row length.
+    max_prompt_len: the most prompt tokens kept (default ``max_len - 1``).
+    step_separator: the text between two steps (``"\\n"``; Math-Shepherd's ``"ки"`` tag, or
+      ``"\\n\\n"``).
+    pad_id, eos_id: padding id; id appended after the assistant turn (None: nothing).
+    stats: truncation counters, updated in place (`new_token_stats`, plus ``steps_dropped``).
+    overlong: ``"truncate"`` or ``"raise"`` (a `DataError` naming the row instead of any cut).
+    truncation: ``"tokens"`` or ``"turns"`` for the prompt (see the module docstring).
+
+  Returns:
+    ``input_ids_BxT``, ``attention_mask_BxT`` (int32, right-padded), ``step_mask_BxT`` (float32,
+    1 at each step's last token) and ``step_labels_BxT`` (float32, the step's label there, 0
+    elsewhere).
+
+  Examples:
+    >>> class Chars:  # one token per character; template "<role>content|"
+    ...   def encode(self, text): return [ord(c) for c in text]
+    ...   def apply_chat_template(self, messages, add_generation_prompt):
+    ...     text = "".join(f"<{m['role'][0]}>{m['content']}|" for m in messages)
+    ...     return text + ("<a>" if add_generation_prompt else "")
+    >>> ex = {"kind": "stepwise", "prompt": [{"role": "user", "content": "q"}], "steps": ["ab", "c"],
+    ...       "labels": [1.0, 0.0]}
+    >>> b = tokenize_steps([ex], Chars(), max_len=14)
+    >>> "".join(chr(t) for t in b["input_ids_BxT"][0] if t)  # prompt, "ab\\nc", end of turn
+    '<u>q|<a>ab\\nc|'
+    >>> b["step_mask_BxT"][0].tolist()  # the separator ends step 0; "c" ends step 1
+    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    >>> b["step_labels_BxT"][0, 10:12].tolist(), int(b["attention_mask_BxT"][0].sum())
+    ([1.0, 0.0], 13)
+  """
+  max_prompt_len = _check_lens(max_len, max_prompt_len)
+  stats = _stats(stats, truncation)
+  stats.setdefault("steps_dropped", 0)
+  if not isinstance(step_separator, str):
+    raise ValueError(f"`step_separator` must be a string; got {type(step_separator).__name__}")
+  B = len(examples)
+  ids = np.full((B, max_len), pad_id, np.int32)
+  attn = np.zeros((B, max_len), np.int32)
+  step_mask = np.zeros((B, max_len), np.float32)
+  step_labels = np.zeros((B, max_len), np.float32)
+  for b, ex in enumerate(examples):
+    with _naming(ex, b, STEPWISE_FORMAT, "steps"):
+      prompt = list(ex["prompt"])
+      truncated_before = stats.get("truncated")
+      p_tokens, _ = _encode_truncated(tokenizer, prompt, len(prompt), None, max_len=max_prompt_len + 1,
+                                      max_prompt_len=max_prompt_len, stats=stats, overlong=overlong,
+                                      source=ex.get("source"), truncation=truncation)
+      r_tokens, marks, labs = _steps_response(tokenizer, prompt, ex["steps"], ex["labels"], step_separator, eos_id)
+      room = max_len - len(p_tokens)
+      r_drop = max(0, len(r_tokens) - room)
+      if r_drop:
+        if overlong == "raise":
+          raise DataError(*_split_source(ex.get("source")), "steps", "over-long",
+                          f"{len(p_tokens) + len(r_tokens)} tokens (prompt {len(p_tokens)}) exceed max_len={max_len}")
+        stats["response_truncated"] += 1
+        stats["response_tokens_dropped"] += r_drop
+        stats["steps_dropped"] += int(sum(marks[room:]))
+        if "truncated" in stats and stats["truncated"] == truncated_before:
+          stats["truncated"] += 1
+      tokens = p_tokens + r_tokens[:room]
+      n, p = len(tokens), len(p_tokens)
+      ids[b, :n] = tokens
+      attn[b, :n] = 1
+      step_mask[b, p:n] = marks[:room]
+      step_labels[b, p:n] = labs[:room]
+  return {"input_ids_BxT": ids, "attention_mask_BxT": attn, "step_mask_BxT": step_mask,
+          "step_labels_BxT": step_labels}
+
+
 _BY_KIND = {
     "pair": tokenize_pairs,
     "sft": tokenize_sft,
@@ -595,6 +755,7 @@ _BY_KIND = {
     "ranked": tokenize_ranked,
     "prompt_answer": tokenize_prompts,
     "prompt": tokenize_prompts,
+    STEPWISE_FORMAT: tokenize_steps,
 }
 
 
@@ -616,15 +777,16 @@ def make_collate(kind: str, tokenizer, *, stats: dict | None = None, truncation:
 
   Args:
     kind: the batch to build: ``"pair"``, ``"sft"``, ``"unpaired"``, ``"ranked"``,
-      ``"prompt_answer"`` or ``"prompt"`` (``"sft"`` also accepts pair/unpaired records: loss
-      on the chosen; the two prompt kinds both accept either kind).
+      ``"prompt_answer"``, ``"prompt"`` (``"sft"`` also accepts pair/unpaired records: loss
+      on the chosen; the two prompt kinds both accept either kind) or ``"stepwise"``
+      (`tokenize_steps`).
     tokenizer: see `Tokenizer`.
     stats: truncation counters, updated in place (also ``collate.stats``).
     truncation: ``"tokens"`` or ``"turns"`` (see the module docstring).
     warn_threshold: after every batch, `warn_if_truncated` with this threshold (None: never).
     what: the data's config key, named in that warning.
     **kwargs: ``max_len``, ``max_prompt_len``, ``pad_id``, ``eos_id``, ``overlong`` (and
-      ``num_completions`` for ranked) of the ``tokenize_*`` function.
+      ``num_completions`` for ranked, ``step_separator`` for stepwise) of the ``tokenize_*`` function.
 
   Returns:
     ``collate(records) -> batch``, with the counters as ``collate.stats``. A record that does

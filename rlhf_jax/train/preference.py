@@ -21,7 +21,7 @@ import hashlib
 import inspect
 import json
 import os
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +87,22 @@ def _accepted_kwargs(fn: Callable) -> set[str] | None:
   return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
+# Per-pair batch fields (from the data's per-pair columns, `rlhf_jax.data.formats.PAIR_FIELDS`) handed to
+# the losses by name, besides ``beta_B`` (replaces ``beta``), ``weight_B`` and the ``gold`` rows.
+_PAIR_BATCH_FIELDS = ("margin_rewards_chosen_BxK", "margin_rewards_rejected_BxK")
+_COLUMN_OF = {"policy_gold_logps": "gold", "margin_rewards_chosen_BxK": "margin_rewards_chosen",
+              "margin_rewards_rejected_BxK": "margin_rewards_rejected"}
+
+
+def _check_needed(name: str, fn: Callable, available: Mapping) -> None:
+  """A loss keyword without a default that neither the batch nor the hyper-parameters give: one clear error."""
+  for p in inspect.signature(fn).parameters.values():
+    if p.kind == p.KEYWORD_ONLY and p.default is p.empty and p.name not in available:
+      if p.name in _COLUMN_OF:
+        raise ValueError(f"loss {name!r} needs the per-pair column {_COLUMN_OF[p.name]!r} in every row of the data")
+      raise ValueError(f"loss {name!r} needs the hyper-parameter {p.name!r} (loss_kwargs.{p.name})")
+
+
 def _resolve(specs: Sequence[LossSpec]):
   resolved = []
   for spec in specs:
@@ -141,7 +157,9 @@ def make_preference_loss(
 
   def loss_fn(model, batch, rng):
     del rng
-    pol = concatenated_logps(model, batch, logprob_chunk_size=logprob_chunk_size, with_log_sum_p2=use_weighting)
+    sides = (*SIDES, "gold") if "gold_input_ids_BxT" in batch else SIDES
+    pol = concatenated_logps(model, batch, logprob_chunk_size=logprob_chunk_size, sides=sides,
+                             with_log_sum_p2=use_weighting)
     pc, pr = _sequence_logps(pol, ld_alpha)
     lc, lr = pol["chosen"].lengths_B, pol["rejected"].lengths_B
     if reference_free:
@@ -160,7 +178,13 @@ def make_preference_loss(
       )
     if not reference_free:
       rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
-    available = dict(beta=beta, chosen_lengths=lc, rejected_lengths=lr)
+    pair_beta = beta if "beta_B" not in batch else jnp.asarray(batch["beta_B"], jnp.float32)
+    available = dict(beta=pair_beta, chosen_lengths=lc, rejected_lengths=lr)
+    if "gold" in pol:
+      available.update(policy_gold_logps=pol["gold"].seq_B, gold_lengths=pol["gold"].lengths_B)
+    for key in _PAIR_BATCH_FIELDS:
+      if key in batch:
+        available[key] = jnp.asarray(batch[key], jnp.float32)
     total = jnp.zeros((), jnp.float32)
     aux = {}
     pair_weights = 1.0
@@ -169,17 +193,21 @@ def make_preference_loss(
       pair_weights = dpo_losses.wpo_weights(c.token_BxT, c.log_sum_p2_BxT, c.mask_BxT,
                                             r.token_BxT, r.log_sum_p2_BxT, r.mask_BxT)
       aux["wpo_weight"] = jnp.mean(pair_weights)
+    # Data weights (a `weight` column): weight k counts a pair k times, Σ w·l / Σ w.
+    data_w = jnp.asarray(batch["weight_B"], jnp.float32) if "weight_B" in batch else jnp.ones_like(pc)
+    norm = jnp.maximum(jnp.sum(data_w), 1e-12)
     for name, fn, weight, hparams, accepted in resolved:
       kw = {**available, **hparams}
+      _check_needed(name, fn, kw)
       if accepted is not None:
         kw = {k: v for k, v in kw.items() if k in accepted}
-      value = jnp.mean(fn(pc, pr, rc, rr, **kw) * pair_weights)
+      value = jnp.sum(fn(pc, pr, rc, rr, **kw) * pair_weights * data_w) / norm
       aux[f"loss/{name}"] = value
       total = total + weight * value
     zero = jnp.zeros_like(pc)
     aux.update(dpo_losses.dpo_metrics(pc, pr, zero if reference_free else rc, zero if reference_free else rr,
-                                      beta=beta))
-    aux["weight"] = jnp.asarray(pc.shape[0], jnp.float32)
+                                      beta=pair_beta))
+    aux["weight"] = jnp.sum(data_w)
     return total, aux
 
   return loss_fn
