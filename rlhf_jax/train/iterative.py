@@ -33,8 +33,8 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple
 import jax
 import numpy as np
 
-from rlhf_jax.checkpoint import abstract_like
-from rlhf_jax.train.loop import LoopResult, NonFiniteError, _any_process, _StopFlag, record_run_config, resume_message
+from rlhf_jax.train.loop import (LoopResult, NonFiniteError, _any_process, _StopFlag, progress_bar, resume_message,
+                                 resume_run)
 from rlhf_jax.train.writers import MetricWriter, plot_curves
 
 log = logging.getLogger("rlhf_jax")
@@ -203,22 +203,15 @@ def run_iterations(
   """
   main = jax.process_index() == 0
   store = IterationStore(os.path.join(workdir, "iterations"))
-  it0, s0, resume_step = 0, 0, None
-  if checkpointer is not None and checkpointer.latest_step() is not None:
-    resume_step = checkpointer.latest_step()
-    state, pos = checkpointer.restore(abstract_like(state, state_shardings), resume_step, like=state)
-    it0, s0 = int(pos.get("iteration", 0)), int(pos.get("step_in_iteration", 0))
+  state, pos, resume_step = resume_run(workdir=workdir, checkpointer=checkpointer, state=state,
+                                       state_shardings=state_shardings, run_config=run_config)
+  it0, s0 = int((pos or {}).get("iteration", 0)), int((pos or {}).get("step_in_iteration", 0))
   start_step = int(jax.device_get(state.step))
   if resume_step is not None and main:
     msg = resume_message(it0, num_iterations, checkpointer.directory, unit="iteration")
     print(msg if s0 == 0 else f"{msg}, at step {s0} of the iteration", flush=True)
-  record_run_config(workdir, run_config, resumed=resume_step is not None)
   writer = MetricWriter(workdir, enabled=main, resume_step=start_step if resume_step is not None else None)
-  bar = None
-  if progress and main:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=num_iterations, initial=it0, dynamic_ncols=True, desc=desc)
+  bar = progress_bar(progress, total=num_iterations, initial=it0, desc=desc)
 
   def save(position, force=False):
     step = int(jax.device_get(state.step))

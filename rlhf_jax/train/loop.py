@@ -325,6 +325,37 @@ def _warn_loss_growth(step: int, host: Mapping, growth: dict, factor: float) -> 
                 step, loss, loss / first, first, first_step)
 
 
+def resume_run(*, workdir: str, checkpointer, state, state_shardings, run_config=None):
+  """The start every host loop shares: ``(state, data_state, resume_step)``.
+
+  The run's config is recorded (a changed model/optimizer/data key refuses the resume, see
+  `record_run_config`) before anything is restored; then the newest intact checkpoint is
+  restored (a damaged newest one falls back to an older intact one, `Checkpointer.restore`; a
+  checkpoint of an older `TrainState` restores with the later fields at 0,
+  `rlhf_jax.train.state.restore_compatible`). Without a checkpoint the state is returned as
+  given with ``data_state = None`` and ``resume_step = None``; ``resume_step`` is the step
+  actually restored (after any fallback).
+  """
+  from rlhf_jax.train.state import restore_compatible
+
+  resuming = checkpointer is not None and checkpointer.latest_step() is not None
+  record_run_config(workdir, run_config, resumed=resuming)
+  if not resuming:
+    return state, None, None
+  resume_step = checkpointer.latest_step()
+  state, data_state = restore_compatible(checkpointer, abstract_like(state, state_shardings), resume_step, like=state)
+  return state, data_state, getattr(checkpointer, "restored_step", None) or resume_step
+
+
+def progress_bar(progress: bool, *, total: int, initial: int, desc: str):
+  """A tqdm bar on process 0 when ``progress``, else None."""
+  if not (progress and jax.process_index() == 0):
+    return None
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, initial=initial, dynamic_ncols=True, desc=desc)
+
+
 def train_loop(
     *,
     step_fn: Callable,
@@ -397,21 +428,10 @@ def train_loop(
   A multi-stage experiment returns the first preempted stage's result.
   """
   main = jax.process_index() == 0
-  resume_step = None
-  resuming = checkpointer is not None and checkpointer.latest_step() is not None
-  # Before restoring: a changed model/optimizer/data key refuses the resume (ConfigError).
-  record_run_config(workdir, run_config, resumed=resuming)
-  if resuming:
-    resume_step = checkpointer.latest_step()
-    # A damaged newest checkpoint falls back to an older intact one (`Checkpointer.restore`); a
-    # checkpoint of an older TrainState (without its later fields) restores with them at 0.
-    from rlhf_jax.train.state import restore_compatible
-
-    state, data_state = restore_compatible(checkpointer, abstract_like(state, state_shardings), resume_step,
-                                           like=state)
-    resume_step = getattr(checkpointer, "restored_step", None) or resume_step
-    if data_state and hasattr(batches, "set_state"):
-      batches.set_state(data_state)
+  state, data_state, resume_step = resume_run(workdir=workdir, checkpointer=checkpointer, state=state,
+                                              state_shardings=state_shardings, run_config=run_config)
+  if data_state and hasattr(batches, "set_state"):
+    batches.set_state(data_state)
   start = int(jax.device_get(state.step))
   if resume_step is not None and main:
     log.info("resumed from step %d in %s", resume_step, checkpointer.directory)
@@ -426,11 +446,7 @@ def train_loop(
     data_state = batches.get_state() if hasattr(batches, "get_state") else {}
     checkpointer.save(step, state, data_state, force=force)
 
-  bar = None
-  if progress and main:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=num_steps, initial=start, dynamic_ncols=True, desc="train")
+  bar = progress_bar(progress, total=num_steps, initial=start, desc="train")
 
   last: dict[str, float] = {}
   eval_metrics: dict[str, float] = {}

@@ -290,20 +290,12 @@ def run_online(
   import os
   import time
 
-  from rlhf_jax.checkpoint import abstract_like
-  from rlhf_jax.train.loop import record_run_config, resume_message
+  from rlhf_jax.train.loop import progress_bar, resume_message, resume_run
   from rlhf_jax.train.writers import MetricWriter, plot_curves
 
-  start = 0
-  resume = None
-  resuming = checkpointer is not None and checkpointer.latest_step() is not None
-  # Before restoring: a changed model/optimizer/data key refuses the resume (ConfigError).
-  record_run_config(workdir, run_config, resumed=resuming)
-  if resuming:
-    resume = checkpointer.latest_step()
-    # A damaged newest checkpoint falls back to an older intact one (`Checkpointer.restore`).
-    state, data_state = checkpointer.restore(abstract_like(state, state_shardings), resume, like=state)
-    start = int(data_state.get("iteration", 0))
+  state, data_state, resume = resume_run(workdir=workdir, checkpointer=checkpointer, state=state,
+                                         state_shardings=state_shardings, run_config=run_config)
+  start = int((data_state or {}).get("iteration", 0))
   main = jax.process_index() == 0
   if resume is not None and main:
     print(resume_message(start, num_iterations, checkpointer.directory, unit="iteration"), flush=True)
@@ -312,11 +304,7 @@ def run_online(
   logps_fn = ref_fn = None
   params_of_state = state_params_fn or (lambda s: policy_params_fn(s.params))
   policy_graphdef = graphdef if policy_graphdef is None else policy_graphdef
-  bar = None
-  if progress and main:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=num_iterations, initial=start, desc="online", dynamic_ncols=True)
+  bar = progress_bar(progress, total=num_iterations, initial=start, desc="online")
   last = {}
   done = start
   with _StopFlag() as stop:  # SIGTERM / SIGINT: finish the iteration, save, return (handlers restored on any exit)
