@@ -9,6 +9,11 @@ that kind (``sigmoid``, ``ipo``, ``hinge``, ``simpo``, ``orpo``, ``robust``, ``b
 ``apo_zero``, ...; ``python -c "import rlhf_jax.losses as L; print(L.names())"``), or several
 with weights (``--config.loss=sigmoid,sft --config.loss_weights=1,1`` is RPO); their
 hyper-parameters go under ``loss_kwargs`` (``--config.loss_kwargs.label_smoothing=0.1``).
+Per-pair columns of a preference row reach the losses by name (`rlhf_jax.data.formats.PAIR_FIELDS`):
+``gold`` (a gold response: ``--config.loss=tpo``), ``beta`` (a per-pair β, e.g. scaled by a reward
+margin as MM-DPO does), ``weight`` (a pair weight: ``k`` counts the pair ``k`` times) and
+``margin_rewards_chosen`` / ``margin_rewards_rejected`` (MODPO: the other objectives' reward scores,
+``--config.loss=modpo --config.loss_kwargs.weights=[0.5,0.5]``).
 With LoRA (``lora.rank > 0``) the frozen base is the reference at no memory cost; with full
 fine-tuning a frozen copy of the initial weights is.
 
@@ -160,6 +165,15 @@ def main(config, workdir):
                           generate=lambda split, n: recipe.demo_rows("preference", split, n, seed=config.seed))
   kind = data.kind
   specs = loss_specs(config, kind)
+  if kind == "pair":
+    from rlhf_jax.data import tokenize
+
+    for name, column in preference.needed_columns(specs).items():
+      for r in data.train:
+        ex = tokenize.decode_record(r)
+        if column not in (ex.get("fields") or {}):
+          raise recipe.UserError(f"config.loss={name!r} needs the per-pair column {column!r}: "
+                                 f"{ex.get('source', 'a training row')} has none")
   mesh = recipe.make_mesh(config.mesh)
   model, tok, info = recipe.build_model(config, mesh)
   steps = recipe.num_train_steps(config, len(data.train))

@@ -170,6 +170,17 @@ def test_dpo_loss_mix_and_bad_loss(tmp_path, capsys):
   run("dpo.py", tmp_path / "bad", f"--config.data.train_files={train}", "--config.loss=kto", expect=2)
   err = capsys.readouterr().err
   assert "config.loss='kto'" in err and "Traceback" not in err
+  run("dpo.py", tmp_path / "no_gold", f"--config.data.train_files={train}", "--config.loss=tpo", expect=2)
+  err = capsys.readouterr().err
+  assert "needs the per-pair column 'gold'" in err and "Traceback" not in err, err
+  # TPO: the preference rows carry a gold response (a third member of the forward).
+  gold_rows = [{**r, "gold": [{"role": "assistant", "content": _good(i) + " Done."}]}
+               for i, r in enumerate(rows_for("conversational", 96))]
+  gold = write_jsonl(tmp_path / "gold.jsonl", gold_rows)
+  r = run("dpo.py", tmp_path / "tpo", f"--config.data.train_files={gold}", f"--config.data.eval_files={held}",
+          "--config.num_steps=20", "--config.batch_size=8", "--config.optimizer.learning_rate=2e-3",
+          "--config.loss=tpo", *COMMON)
+  improved(r)
 
 
 def test_sft_recipe_weighted_objectives_read_their_row_columns(tmp_path, capsys):

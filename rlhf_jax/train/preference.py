@@ -103,6 +103,17 @@ def _check_needed(name: str, fn: Callable, available: Mapping) -> None:
       raise ValueError(f"loss {name!r} needs the hyper-parameter {p.name!r} (loss_kwargs.{p.name})")
 
 
+def needed_columns(specs: Sequence[LossSpec]) -> dict[str, str]:
+  """``{loss name: data column}`` for each per-pair column a pairwise loss cannot do without
+  (e.g. ``{"tpo": "gold"}``): a recipe checks them against its data before training."""
+  out = {}
+  for name, fn, _, hparams, _ in _resolve(specs):
+    for p in inspect.signature(fn).parameters.values():
+      if p.kind == p.KEYWORD_ONLY and p.default is p.empty and p.name in _COLUMN_OF and p.name not in hparams:
+        out.setdefault(name, _COLUMN_OF[p.name])
+  return out
+
+
 def _resolve(specs: Sequence[LossSpec]):
   resolved = []
   for spec in specs:
