@@ -41,3 +41,15 @@ def test_keep_n_and_latest(tmp_path):
   ck.wait()
   assert ck.all_steps() == [2, 3] and ck.latest_step() == 3
   ck.close()
+
+
+def test_context_manager_finishes_an_async_save_on_exit(tmp_path):
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  _, state, _ = _state(mesh)
+  with Checkpointer(str(tmp_path), max_to_keep=2, async_save=True) as ck:
+    ck.save(4, state, {"index": 4})  # no wait(): leaving the block finishes and closes
+  with Checkpointer(str(tmp_path), max_to_keep=2) as again:
+    restored, data = again.restore(abstract_like(state, None))
+  assert data == {"index": 4}
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -422,6 +422,13 @@ class Checkpointer:
     self._manager.wait_until_finished()
     self._join()
 
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    """``with Checkpointer(...) as ck:`` waits for pending saves and closes, on any exit."""
+    self.close()
+
   def close(self) -> None:
     try:
       self._manager.wait_until_finished()

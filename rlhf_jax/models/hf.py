@@ -39,19 +39,6 @@ from rlhf_jax.models.config import ModelConfig
 _LLAMA_TYPES = ("llama", "mistral")
 _QWEN2_TYPES = ("qwen2",)
 _QWEN3_TYPES = ("qwen3",)
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
-
-
-def _st_dtype(name: str):
-  if name == "BF16":
-    import ml_dtypes
-
-    return np.dtype(ml_dtypes.bfloat16)
-  if name not in _ST_DTYPES:
-    raise ValueError(f"safetensors dtype {name!r} is not supported (F32, F16, BF16)")
-  return np.dtype(_ST_DTYPES[name])
-
-
 def _st_name(dtype) -> str:
   dtype = np.dtype(dtype)
   if dtype.name == "bfloat16":
@@ -59,23 +46,19 @@ def _st_name(dtype) -> str:
   return {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}[dtype]
 
 
-def read_safetensors_header(path: str) -> tuple[dict, int]:
-  with open(path, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(n))
-  return header, 8 + n
-
-
 def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-  """``(name, array)`` for each tensor of a ``.safetensors`` file, memory-mapped."""
-  header, start = read_safetensors_header(path)
-  mm = np.memmap(path, dtype=np.uint8, mode="r")
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    a, b = info["data_offsets"]
-    dt = _st_dtype(info["dtype"])
-    yield name, mm[start + a:start + b].view(dt).reshape(info["shape"])
+  """``(name, array)`` for each tensor of a ``.safetensors`` file, one at a time (``safetensors.safe_open``).
+
+  F32, F16 and BF16 (as ``ml_dtypes.bfloat16``) tensors; any other dtype is a ValueError naming it.
+  """
+  from safetensors import safe_open
+
+  with safe_open(path, framework="np") as f:
+    for name in f.keys():
+      arr = f.get_tensor(name)
+      if np.dtype(arr.dtype).name not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"{path}: tensor {name!r} has dtype {arr.dtype}; supported: F32, F16, BF16")
+      yield name, arr
 
 
 def write_safetensors(path: str, tensors, metadata: dict | None = None) -> None:
@@ -83,6 +66,10 @@ def write_safetensors(path: str, tensors, metadata: dict | None = None) -> None:
 
   ``tensors`` maps names to arrays, or to ``(shape, dtype, thunk)`` triples whose
   ``thunk()`` produces the array when it is written (so only one is on the host at a time).
+  Written here rather than with ``safetensors.numpy.save_file``, which needs every tensor in
+  host memory at once (the whole model, for an export of a sharded one); the layout is the
+  format's (8-byte header length, JSON header padded to 8 bytes, the tensors in header order),
+  and files are read back with the library (`iter_safetensors`).
   """
   entries = {}
   for name, v in tensors.items():

@@ -465,10 +465,9 @@ def run_training(*, name: str, config, workdir: str, step_fn, state, shardings, 
   from rlhf_jax.train import loop
 
   # The frozen LoRA base and a full fine-tune's reference copy are rebuilt from model.path, never saved.
-  ck = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=max(int(config.keep_checkpoints), 1),
-                    unsaved_extras=("frozen_params", "ref_params"))
   kw = {} if count_tokens is None else {"count_tokens": count_tokens}
-  try:
+  with Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=max(int(config.keep_checkpoints), 1),
+                    unsaved_extras=("frozen_params", "ref_params")) as ck:
     return loop.train_loop(
         step_fn=step_fn, state=state, batches=batches, num_steps=num_steps, workdir=workdir,
         put_batch=put_batch, checkpointer=ck, state_shardings=shardings, checkpoint_every=int(config.save_every),
@@ -476,8 +475,6 @@ def run_training(*, name: str, config, workdir: str, step_fn, state, shardings, 
         progress=bool(config.progress), plot_keys=tuple(plot_keys),
         data_stats=lambda: {**data.parse_stats, "tokens": data.token_stats},
         run_config=run_config(name, config), **kw)
-  finally:
-    ck.close()
 
 
 def run_config(name: str, config) -> dict:
