@@ -184,3 +184,42 @@ def test_ppo_batch_fn_with_adaptive_kl_controller():
   m = ro.response_mask_BxN
   np.testing.assert_array_equal(out["advantages_BxN"] * (1 - m), 0.0)
   assert out["returns_BxN"].shape == m.shape and np.isfinite(out["old_values_BxN"]).all()
+
+
+def test_ppo_dense_rewards_at_the_last_token_equal_the_sequence_reward_and_credit_earlier_tokens():
+  import optax
+
+  from rlhf_jax.rewards import shaping
+  from rlhf_jax.train import ppo
+  from rlhf_jax.train import state as state_lib
+
+  critic = models.create_model(models.get_config("tiny", scalar_head_outputs=1), seed=7)
+  graphdef_p, params, ro = _rollout(seed=5)
+  ac = ppo.ActorCritic(nnx.merge(graphdef_p, params), critic)
+  graphdef, _ = nnx.split(ac)
+  _, state, _ = state_lib.create_train_state(ac, optax.sgd(0.0), extras=ppo.init_extras(normalize_rewards=False))
+  n = ro.tokens_BxN.shape[1]
+  fn = ppo.make_ppo_batch_fn(graphdef, num_response_tokens=n, put_batch=lambda b: b, normalize_rewards=False,
+                             lam=1.0, whiten_advantages=False, kl_coef=0.05)
+  batch = {"input_ids_BxT": ro.input_ids_BxT, "attention_mask_BxT": ro.attention_mask_BxT,
+           "targets_BxT": ro.targets_BxT, "response_mask_BxN": ro.response_mask_BxN,
+           "old_logps_BxN": ro.sampler_logps_BxN, "ref_logps_BxN": ro.sampler_logps_BxN - 0.5}
+  m = np.asarray(ro.response_mask_BxN)
+  seq = np.arange(6, dtype=np.float32) - 2.0
+  last = shaping.place_segment_rewards(jnp.asarray(seq)[:, None], jnp.asarray(m.sum(-1) - 1, jnp.int32)[:, None],
+                                       jnp.ones((6, 1)), n)
+  _, a = fn(state, dict(batch), seq, ro)
+  _, b = fn(state, dict(batch), np.asarray(last), ro)
+  np.testing.assert_allclose(b["returns_BxN"], a["returns_BxN"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(b["advantages_BxN"], a["advantages_BxN"], rtol=1e-6, atol=1e-6)
+  # The same total given at the first response token: with γ = λ = 1 the return of the first token is
+  # unchanged, and the later tokens' returns lose it (credit given where the reward was earned).
+  first = np.zeros_like(m)
+  first[:, 0] = seq
+  _, c = fn(state, dict(batch), first, ro)
+  np.testing.assert_allclose(c["returns_BxN"][:, 0], a["returns_BxN"][:, 0], rtol=1e-5, atol=1e-5)
+  later = m[:, 1:] > 0
+  np.testing.assert_allclose((a["returns_BxN"][:, 1:] - c["returns_BxN"][:, 1:])[later],
+                             np.broadcast_to(seq[:, None], later.shape)[later], rtol=1e-5, atol=1e-5)
+  # Outcome estimators and group statistics see the totals.
+  np.testing.assert_allclose(online.sequence_rewards(first), seq)

@@ -200,6 +200,13 @@ def minibatches(batch: dict[str, np.ndarray], *, num_minibatches: int, epochs: i
       yield {k: v[idx] for k, v in batch.items()}
 
 
+def sequence_rewards(rewards) -> np.ndarray:
+  """``[B]`` sequence rewards: the rewards themselves, or the totals of dense ``[B, N]`` token rewards
+  (what the outcome advantage estimators, group statistics and sample weights see)."""
+  rewards = np.asarray(rewards, np.float32)
+  return rewards.sum(-1) if rewards.ndim == 2 else rewards
+
+
 def group_stats(rewards_B: np.ndarray, group_ids_B: np.ndarray) -> dict[str, float]:
   """Reward mean/std and the fraction of groups whose rewards all agree (zero advantage)."""
   groups = np.unique(group_ids_B)
@@ -249,7 +256,9 @@ def run_online(
 
   One iteration: ``prompt_fn(i) -> (prompts, group_ids_B)`` (one entry per sample:
   each prompt repeated G times), ``rollout_fn`` samples, ``reward_fn(prompts,
-  tokens_BxN, lengths_B) -> rewards_B`` scores on the host, ``advantage_fn(rewards_B,
+  tokens_BxN, lengths_B) -> rewards_B`` scores on the host (or dense ``[B, N]`` token
+  rewards: ``batch_fn`` of PPO credits them per token, the outcome estimators and the group
+  statistics see their totals, `sequence_rewards`), ``advantage_fn(rewards_B,
   mask_BxN, group_ids_B) -> advantages_BxN``, then ``epochs`` × ``num_minibatches``
   calls of ``step_fn``. ``old_logps="sampler"`` trains against the sampler's
   log-probs; ``"recompute"`` recomputes them with the trainer's forward.
@@ -330,7 +339,7 @@ def run_online(
           keep_rollouts = [(ro, rewards)]
           break
         keep_rollouts.append((ro, rewards))
-        stats = group_stats(rewards, ro.group_ids_B)
+        stats = group_stats(sequence_rewards(rewards), ro.group_ids_B)
         if stats["zero_variance_groups"] == 0.0:
           break
       if dynamic_sampling_max_tries > 0:
@@ -358,9 +367,10 @@ def run_online(
       if batch_fn is not None:
         state, batch = batch_fn(state, batch, rewards, ro)
       else:
-        batch["advantages_BxN"] = np.asarray(advantage_fn(rewards, ro.response_mask_BxN, ro.group_ids_B), np.float32)
+        batch["advantages_BxN"] = np.asarray(advantage_fn(sequence_rewards(rewards), ro.response_mask_BxN,
+                                                          ro.group_ids_B), np.float32)
       if sample_weight_fn is not None:
-        weights = np.asarray(sample_weight_fn(rewards, ro.group_ids_B), np.float32)
+        weights = np.asarray(sample_weight_fn(sequence_rewards(rewards), ro.group_ids_B), np.float32)
         batch["response_mask_BxN"] = batch["response_mask_BxN"] * weights[:, None]
       t1 = time.perf_counter()
       step_metrics = []
@@ -371,7 +381,7 @@ def run_online(
       t_train = time.perf_counter() - t1
       tokens = float(ro.response_mask_BxN.sum())
       metrics = {k: float(np.mean([np.asarray(m[k]) for m in step_metrics])) for k in step_metrics[0]}
-      metrics.update(group_stats(rewards, ro.group_ids_B))
+      metrics.update(group_stats(sequence_rewards(rewards), ro.group_ids_B))
       metrics.update(response_length=float(ro.response_mask_BxN.sum(-1).mean()),
                      sample_tokens_per_sec=tokens / max(t_sample, 1e-9),
                      samples_per_sec=len(rewards) / max(t_sample, 1e-9),
@@ -444,13 +454,13 @@ def _select_informative_groups(rollouts: list[tuple[Rollout, np.ndarray]]) -> tu
   for ro, r in rollouts:
     for g in np.unique(ro.group_ids_B):
       idx = np.flatnonzero(ro.group_ids_B == g)
-      if np.ptp(r[idx]) > 0 and len(chosen) < target:
+      if np.ptp(sequence_rewards(r)[idx]) > 0 and len(chosen) < target:
         chosen.append((ro, r, idx))
   for g in np.unique(first_ro.group_ids_B):
     if len(chosen) >= target:
       break
     idx = np.flatnonzero(first_ro.group_ids_B == g)
-    if np.ptp(first_r[idx]) == 0:
+    if np.ptp(sequence_rewards(first_r)[idx]) == 0:
       chosen.append((first_ro, first_r, idx))
   fields = {f: np.concatenate([getattr(ro, f)[idx] for ro, _, idx in chosen]) for f in Rollout._fields}
   new_ids = np.concatenate([np.full(len(idx), k, np.int32) for k, (_, _, idx) in enumerate(chosen)])

@@ -77,10 +77,18 @@ def make_ppo_batch_fn(
 ):
   """``batch_fn(state, batch, rewards_B, rollout) -> (state, batch)`` for :func:`run_online`.
 
+  The rewards are sequence rewards ``[B]``, or dense token rewards ``[B, N]`` aligned with the
+  response tokens (Fine-Grained RLHF's segment rewards placed at segment ends with
+  ``rewards.shaping.place_segment_rewards``, PRM step scores after ``prm_clip``/``prm_delta``), which
+  GAE then credits token by token.
+
   1. Rewards are normalised with running statistics (``state.extras["reward_norm"]``)
-     and clipped to ``±reward_clip`` (PPO-max).
+     and clipped to ``±reward_clip`` (PPO-max). Dense rewards update the statistics with their
+     sequence totals and are divided by the running std only (a per-token mean shift would
+     move credit), then clipped per token.
   2. Token rewards: ``−kl_coef·(log π_old − log π_ref)`` on every response token and
-     the sequence reward on the last (KL-in-reward; needs ``ref_logps_BxN``).
+     the sequence reward on the last, or the dense rewards on their tokens (KL-in-reward; needs
+     ``ref_logps_BxN``).
   3. Values from the critic, GAE (γ, λ) → advantages and returns; advantages whitened.
   With ``kl_controller`` (``rlhf_jax.losses.kl.adaptive_kl_controller(...)``) the KL
   coefficient is ``state.extras["kl_ctl"].coef`` instead of ``kl_coef``, updated
@@ -97,18 +105,29 @@ def make_ppo_batch_fn(
   def batch_fn(state, batch, rewards_B, rollout):
     rewards = jnp.asarray(rewards_B, jnp.float32)
     extras = dict(state.extras or {})
-    if normalize_rewards:
+    mask = jnp.asarray(batch["response_mask_BxN"])
+    dense = rewards.ndim == 2
+    if dense:  # token rewards [B, N] (segment ends, process rewards): scaled, never shifted per token
+      rewards = jnp.where(mask != 0, rewards, 0.0)
+      if normalize_rewards:
+        _, extras["reward_norm"] = norm.update(rewards.sum(-1), extras["reward_norm"])
+        rewards = rewards / jnp.sqrt(extras["reward_norm"].var + 1e-8)
+      if reward_clip is not None:
+        rewards = jnp.clip(rewards, -reward_clip, reward_clip)
+    elif normalize_rewards:
       rewards, extras["reward_norm"] = norm.update(rewards, extras["reward_norm"])
     elif reward_clip is not None:
       rewards = jnp.clip(rewards, -reward_clip, reward_clip)
-    mask = jnp.asarray(batch["response_mask_BxN"])
     coef = kl_coef
     if kl_controller is not None:
       coef = extras["kl_ctl"].coef
       seq_kl = ((jnp.asarray(batch["old_logps_BxN"]) - jnp.asarray(batch["ref_logps_BxN"])) * mask).sum(-1).mean()
       extras["kl_ctl"] = kl_controller.update(extras["kl_ctl"], seq_kl, n_steps=mask.shape[0])
+    final = jnp.zeros(rewards.shape[:1], jnp.float32) if dense else rewards
     token_rewards = shaping.kl_penalized_token_rewards(
-        rewards, jnp.asarray(batch["old_logps_BxN"]), jnp.asarray(batch["ref_logps_BxN"]), mask, beta=coef)
+        final, jnp.asarray(batch["old_logps_BxN"]), jnp.asarray(batch["ref_logps_BxN"]), mask, beta=coef)
+    if dense:
+      token_rewards = token_rewards + rewards
     values = np.asarray(jax.device_get(values_fn(state.params, put_batch(batch)))) * np.asarray(mask)
     advantages, returns = adv_lib.gae(token_rewards, jnp.asarray(values), mask, gamma=gamma, lam=lam)
     if whiten_advantages:
