@@ -81,6 +81,10 @@ CONFIG_HELP = {
     "critic.normalize_rewards": "ppo: normalise rewards with running statistics",
     "critic.reward_clip": "ppo: clip normalised rewards to +-this (0 = none)",
     "critic.whiten_advantages": "ppo: whiten advantages per batch",
+    "critic.value_head": "ppo: scalar (squared error, value_clip) or hl_gauss (categorical head, HL-Gauss loss)",
+    "critic.num_bins": "ppo, hl_gauss: bins of the categorical head",
+    "critic.v_min": "ppo, hl_gauss: lower end of the value support (after reward normalisation)",
+    "critic.v_max": "ppo, hl_gauss: upper end of the value support",
 }
 
 
@@ -112,7 +116,8 @@ def get_config(arg=None):
   c.data.max_eval_examples = 64
   c.log_samples = 4
   c.critic = ml_collections.ConfigDict(dict(path="", vf_coef=0.5, value_clip=0.2, gamma=1.0, lam=0.95,
-                                            normalize_rewards=True, reward_clip=5.0, whiten_advantages=True))
+                                            normalize_rewards=True, reward_clip=5.0, whiten_advantages=True,
+                                            value_head="scalar", num_bins=51, v_min=-10.0, v_max=10.0))
   if arg == "runlocal":
     c.num_steps = 6
   elif arg not in (None, ""):
@@ -185,16 +190,29 @@ def main(config, workdir):
 
   policy_graphdef = nnx.graphdef(model)  # base + adapters under LoRA: what the sampler runs
   copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
+  categorical = None
   if ppo_mode:
     from rlhf_jax import models
 
+    recipe.check_choice("critic.value_head", config.critic.value_head, ("scalar", "hl_gauss"))
+    outputs = 1
+    if config.critic.value_head == "hl_gauss":
+      if not (int(config.critic.num_bins) >= 2 and float(config.critic.v_max) > float(config.critic.v_min)):
+        raise recipe.ConfigError(f"config.critic: hl_gauss needs num_bins >= 2 and v_max > v_min; got "
+                                 f"num_bins={config.critic.num_bins}, v_min={config.critic.v_min}, "
+                                 f"v_max={config.critic.v_max}")
+      categorical = ppo.CategoricalValue(int(config.critic.num_bins), float(config.critic.v_min),
+                                         float(config.critic.v_max))
+      outputs = categorical.num_bins
     if config.critic.path:
       critic, _ = recipe.load_run(config.critic.path, merge=True, mesh=mesh)
       if not critic.config.scalar_head_outputs:
         raise recipe.ConfigError(f"config.critic.path={config.critic.path!r} is not a reward_model run")
+      if outputs != critic.config.scalar_head_outputs:  # the reward model's backbone, a fresh categorical head
+        critic = models.with_scalar_head(critic, outputs, seed=config.seed + 1, mesh=mesh, replace=True)
     else:
-      critic = models.with_scalar_head(nnx.merge(policy_graphdef, copy(nnx.state(model))), 1, seed=config.seed + 1,
-                                       mesh=mesh)
+      critic = models.with_scalar_head(nnx.merge(policy_graphdef, copy(nnx.state(model))), outputs,
+                                       seed=config.seed + 1, mesh=mesh)
     ref = copy(nnx.state(model))
     graphdef, state, shardings = recipe.create_state(ppo.ActorCritic(model, critic), tx, config, mesh, info,
                                                      extras=ppo.init_extras(bool(config.critic.normalize_rewards)))
@@ -215,7 +233,8 @@ def main(config, workdir):
                    policy_hparams=policy_hparams(config), entropy_coef=float(config.entropy_coef))
   if ppo_mode:
     loss_fn = ppo.make_ppo_loss(num_response_tokens=max_new, vf_coef=float(config.critic.vf_coef),
-                                value_clip=float(config.critic.value_clip) or None, **policy_kw)
+                                value_clip=float(config.critic.value_clip) or None, categorical=categorical,
+                                **policy_kw)
   else:
     loss_fn = online.make_policy_loss(num_response_tokens=max_new, kl_coef=float(config.kl_coef),
                                       kl_estimator=config.kl_estimator, **policy_kw)
@@ -255,7 +274,8 @@ def main(config, workdir):
                                      lam=float(config.critic.lam),
                                      reward_clip=float(config.critic.reward_clip) or None,
                                      normalize_rewards=bool(config.critic.normalize_rewards),
-                                     whiten_advantages=bool(config.critic.whiten_advantages))
+                                     whiten_advantages=bool(config.critic.whiten_advantages),
+                                     categorical=categorical)
   elif config.adv_estimator == "remax":
     greedy = online.make_rollout_fn(policy_graphdef, max_new_tokens=max_new, processor=None, eos_id=tok.eos_id,
                                     pad_id=tok.pad_id)

@@ -223,3 +223,43 @@ def test_ppo_dense_rewards_at_the_last_token_equal_the_sequence_reward_and_credi
                              np.broadcast_to(seq[:, None], later.shape)[later], rtol=1e-5, atol=1e-5)
   # Outcome estimators and group statistics see the totals.
   np.testing.assert_allclose(online.sequence_rewards(first), seq)
+
+
+def test_categorical_hl_gauss_critic_learns_the_returns():
+  import optax
+
+  from rlhf_jax.train import ppo
+  from rlhf_jax.train import state as state_lib
+  from rlhf_jax.train import step as step_lib
+
+  cat = ppo.CategoricalValue(num_bins=21, v_min=-3.0, v_max=3.0)
+  critic = models.create_model(models.get_config("tiny", scalar_head_outputs=cat.num_bins), seed=7)
+  graphdef_p, params, ro = _rollout(seed=5)
+  ac = ppo.ActorCritic(nnx.merge(graphdef_p, params), critic)
+  tx = optax.adam(3e-3)
+  graphdef, state, _ = state_lib.create_train_state(ac, tx, extras=ppo.init_extras(normalize_rewards=False))
+  n = ro.tokens_BxN.shape[1]
+  fn = ppo.make_ppo_batch_fn(graphdef, num_response_tokens=n, put_batch=lambda b: b, normalize_rewards=False,
+                             categorical=cat)
+  batch = {"input_ids_BxT": ro.input_ids_BxT, "attention_mask_BxT": ro.attention_mask_BxT,
+           "targets_BxT": ro.targets_BxT, "response_mask_BxN": ro.response_mask_BxN,
+           "old_logps_BxN": ro.sampler_logps_BxN, "ref_logps_BxN": ro.sampler_logps_BxN}
+  state, batch = fn(state, batch, np.linspace(-2.0, 2.0, 6).astype(np.float32), ro)
+  m = np.asarray(ro.response_mask_BxN)
+  values = ppo.response_values(nnx.merge(graphdef, state.params).critic, batch, n, cat)
+  np.testing.assert_allclose(batch["old_values_BxN"], np.asarray(values) * m, rtol=1e-5, atol=1e-6)
+  assert np.all(np.abs(batch["old_values_BxN"]) <= 3.0)
+  loss_fn = ppo.make_ppo_loss(num_response_tokens=n, categorical=cat, vf_coef=1.0)
+  step = step_lib.make_train_step(loss_fn, tx, graphdef, donate=False)
+
+  def value_error(s):
+    v = ppo.response_values(nnx.merge(graphdef, s.params).critic, batch, n, cat)
+    return float((np.abs(np.asarray(v) - batch["returns_BxN"]) * m).sum() / m.sum())
+
+  before = value_error(state)
+  losses = []
+  for _ in range(30):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["value_loss"]))
+  assert losses[-1] < 0.7 * losses[0], losses
+  assert value_error(state) < 0.5 * before, (before, value_error(state))

@@ -430,8 +430,10 @@ def test_sft_then_reward_model_then_grpo_lora_and_ppo(tmp_path):
   r = run("grpo.py", tmp_path / "grpo", "--config.lora.rank=4", f"--config.reward.fns={rewards}:digits", *online)
   assert "reward/reward_model" in r["heldout_after"] and "reward/digits" in r["heldout_after"]
   assert np.isfinite(r["headline"]["after"]) and "run" in r["model"]
+  # The reward model's backbone under a fresh categorical (HL-Gauss) value head.
   r = run("grpo.py", tmp_path / "ppo", "--config.algorithm=ppo", f"--config.critic.path={tmp_path / 'rm'}",
-          "--config.reward.fns=()", *online)
+          "--config.reward.fns=()", "--config.critic.value_head=hl_gauss", "--config.critic.num_bins=11",
+          "--config.critic.v_min=-5", "--config.critic.v_max=5", *online)
   assert r["algorithm"] == "ppo" and np.isfinite(r["headline"]["after"])
   metrics = [json.loads(l) for l in open(tmp_path / "ppo" / "metrics.jsonl")]
   assert any("value_loss" in m for m in metrics)

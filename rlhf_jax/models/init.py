@@ -40,7 +40,7 @@ def create_sharded_model(config: ModelConfig, mesh, *, seed: int = 0, rules=None
 
 
 def with_scalar_head(model: Transformer, num_outputs: int, *, seed: int = 0, mesh=None,
-                     rules=None) -> Transformer:
+                     rules=None, replace: bool = False) -> Transformer:
   """A copy of ``model`` with a new scalar head of ``num_outputs`` outputs.
 
   The config gets ``scalar_head_outputs=num_outputs``; every existing parameter
@@ -61,14 +61,16 @@ def with_scalar_head(model: Transformer, num_outputs: int, *, seed: int = 0, mes
     mesh: place the head on this mesh (by the logical-axis rules); default the
       mesh of the model's parameters if they are sharded, else the default device.
     rules: logical-axis rules for the head's sharding (default: the current rules).
+    replace: a model that has a scalar head gets a fresh one of ``num_outputs`` outputs in its
+      place (e.g. a reward model's backbone under a categorical value head); else that is an error.
 
   Raises:
-    ValueError: ``num_outputs < 1``, or the model already has a scalar head.
+    ValueError: ``num_outputs < 1``, or the model already has a scalar head (without ``replace``).
   """
   old = model.config
   if num_outputs < 1:
     raise ValueError(f"with_scalar_head: num_outputs must be >= 1, got {num_outputs}")
-  if old.scalar_head_outputs:
+  if old.scalar_head_outputs and not replace:
     raise ValueError(f"with_scalar_head: the model already has a scalar head ({old.scalar_head_outputs} outputs)")
   config = old.replace(scalar_head_outputs=int(num_outputs))
   if mesh is None:

@@ -8,10 +8,13 @@ is the PPO-specific part of an iteration, with the PPO-max tricks (Zheng et al.
 reward normalisation and clipping with running statistics (kept in
 ``state.extras`` and checkpointed), KL-in-reward, GAE, advantage whitening;
 value clipping lives in the loss. The critic is typically initialised from the
-reward model.
+reward model; a categorical critic (`CategoricalValue`, HL-Gauss) is selected by
+``categorical=`` in both :func:`make_ppo_loss` and :func:`make_ppo_batch_fn`.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +24,7 @@ from flax import nnx
 from rlhf_jax import advantages as adv_lib
 from rlhf_jax import ops
 from rlhf_jax.losses import value as value_losses
+from rlhf_jax.rewards import heads
 from rlhf_jax.rewards import shaping
 from rlhf_jax.train import online
 
@@ -35,28 +39,59 @@ class ActorCritic(nnx.Module):
     self.critic = critic
 
 
-def response_values(critic, batch, num_response_tokens: int) -> jax.Array:
-  """``V(s_t)`` ``[B, N]`` for each response token, from the state that precedes it."""
+class CategoricalValue(NamedTuple):
+  """A categorical critic: its head has ``num_bins`` logits over ``[v_min, v_max]``; the value is
+  their expectation over the bin centres and the loss is HL-Gauss (Farebrother et al. 2024, "Stop
+  Regressing": cross-entropy against a Gaussian histogram of the return, σ = ``sigma_ratio``·bin
+  width). Returns outside the support are clipped to it by the histogram."""
+
+  num_bins: int = 51
+  v_min: float = -10.0
+  v_max: float = 10.0
+  sigma_ratio: float = 0.75
+
+
+def _value_head_outputs(critic, batch, num_response_tokens: int) -> jax.Array:
   hidden, _ = critic.hidden_states(batch["input_ids_BxT"], attention_mask_BxT=batch["attention_mask_BxT"])
-  return critic.scalar(hidden[:, -num_response_tokens:])[..., 0]
+  return critic.scalar(hidden[:, -num_response_tokens:])
 
 
-def make_ppo_loss(*, num_response_tokens: int, vf_coef: float = 0.5, value_clip: float | None = 0.2, **policy_kw):
-  """``loss_fn(actor_critic, batch, rng)``: the policy loss plus ``vf_coef`` × the clipped value loss.
+def response_values(critic, batch, num_response_tokens: int, categorical: CategoricalValue | None = None) -> jax.Array:
+  """``V(s_t)`` ``[B, N]`` for each response token, from the state that precedes it (the expectation
+  of a `CategoricalValue` head when given)."""
+  out = _value_head_outputs(critic, batch, num_response_tokens)
+  if categorical is None:
+    return out[..., 0]
+  return heads.categorical_to_scalar(out, v_min=categorical.v_min, v_max=categorical.v_max,
+                                     num_bins=categorical.num_bins)
+
+
+def make_ppo_loss(*, num_response_tokens: int, vf_coef: float = 0.5, value_clip: float | None = 0.2,
+                  categorical: CategoricalValue | None = None, **policy_kw):
+  """``loss_fn(actor_critic, batch, rng)``: the policy loss plus ``vf_coef`` × the value loss.
 
   ``policy_kw`` go to :func:`rlhf_jax.train.online.make_policy_loss`; the batch also
   carries ``old_values_BxN`` and ``returns_BxN``. The value loss uses the same
-  aggregation as the policy loss.
+  aggregation as the policy loss: PPO's clipped squared error (``value_clip``), or with
+  ``categorical`` the HL-Gauss cross-entropy of a categorical head (no clipping; the critic's
+  head must have ``categorical.num_bins`` outputs).
   """
   policy_loss = online.make_policy_loss(num_response_tokens=num_response_tokens, **policy_kw)
   agg = ops.get_aggregation(policy_kw.get("aggregation", "token-mean"))
 
   def loss_fn(model, batch, rng):
     pl, aux = policy_loss(model.policy, batch, rng)
-    values = response_values(model.critic, batch, num_response_tokens)
     mask = batch["response_mask_BxN"]
-    vl = agg(value_losses.clipped_value_loss(values, batch["old_values_BxN"], batch["returns_BxN"], mask,
-                                             clip_range=value_clip), mask)
+    if categorical is None:
+      values = response_values(model.critic, batch, num_response_tokens)
+      vl = agg(value_losses.clipped_value_loss(values, batch["old_values_BxN"], batch["returns_BxN"], mask,
+                                               clip_range=value_clip), mask)
+    else:
+      logits = _value_head_outputs(model.critic, batch, num_response_tokens)
+      values = heads.categorical_to_scalar(logits, v_min=categorical.v_min, v_max=categorical.v_max,
+                                           num_bins=categorical.num_bins)
+      vl = agg(value_losses.hl_gauss_value_loss(logits, batch["returns_BxN"], mask, v_min=categorical.v_min,
+                                                v_max=categorical.v_max, sigma_ratio=categorical.sigma_ratio), mask)
     aux = dict(aux)
     aux.update(value_loss=vl, value_mean=ops.token_mean(values, mask),
                value_explained_variance=_explained_variance(values, batch["returns_BxN"], mask))
@@ -73,7 +108,7 @@ def _explained_variance(values, returns, mask):
 def make_ppo_batch_fn(
     graphdef, *, num_response_tokens: int, put_batch, kl_coef: float = 0.05, gamma: float = 1.0,
     lam: float = 0.95, reward_clip: float | None = 5.0, normalize_rewards: bool = True,
-    whiten_advantages: bool = True, kl_controller=None,
+    whiten_advantages: bool = True, kl_controller=None, categorical: CategoricalValue | None = None,
 ):
   """``batch_fn(state, batch, rewards_B, rollout) -> (state, batch)`` for :func:`run_online`.
 
@@ -89,7 +124,8 @@ def make_ppo_batch_fn(
   2. Token rewards: ``−kl_coef·(log π_old − log π_ref)`` on every response token and
      the sequence reward on the last, or the dense rewards on their tokens (KL-in-reward; needs
      ``ref_logps_BxN``).
-  3. Values from the critic, GAE (γ, λ) → advantages and returns; advantages whitened.
+  3. Values from the critic (the expectation of a ``categorical`` head), GAE (γ, λ) → advantages
+     and returns; advantages whitened.
   With ``kl_controller`` (``rlhf_jax.losses.kl.adaptive_kl_controller(...)``) the KL
   coefficient is ``state.extras["kl_ctl"].coef`` instead of ``kl_coef``, updated
   after each rollout with the batch's mean sequence KL (Ziegler et al. 2019).
@@ -100,7 +136,7 @@ def make_ppo_batch_fn(
   @jax.jit
   def values_fn(params, batch):
     model = nnx.merge(graphdef, params)
-    return response_values(model.critic, batch, num_response_tokens)
+    return response_values(model.critic, batch, num_response_tokens, categorical)
 
   def batch_fn(state, batch, rewards_B, rollout):
     rewards = jnp.asarray(rewards_B, jnp.float32)
