@@ -26,6 +26,10 @@ from rlhf_jax.rewards.shaping import (  # noqa: F401
     kimi_length_penalty, kl_penalized_token_rewards, log_sigmoid_centered, merge_reward_stats, par_reward,
     place_segment_rewards, prm_clip, prm_delta, repetition_penalty, running_reward_norm, whiten,
 )
+from rlhf_jax.rewards import tool_rewards  # noqa: F401
+from rlhf_jax.rewards.tool_rewards import (  # noqa: F401
+    multiset_jaccard, parse_toolrl_calls, toolrl_components, toolrl_correctness, toolrl_format, toolrl_reward,
+)
 from rlhf_jax.rewards.verifiers import (  # noqa: F401
     BatchedRewardFn, answers_equal, batched_reward_fn, decode_then_score, exact_match_reward, extract_answer,
     format_reward, math_reward, normalize_number,
