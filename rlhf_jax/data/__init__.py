@@ -72,6 +72,7 @@ from rlhf_jax.data.tokenize import (  # noqa: E402
     tokenize_prompts,
     tokenize_ranked,
     tokenize_sft,
+    tokenize_steps,
     tokenize_unpaired,
     warn_if_truncated,
 )
@@ -94,6 +95,7 @@ __all__ += [
     "tokenize_prompts",
     "tokenize_ranked",
     "tokenize_sft",
+    "tokenize_steps",
     "tokenize_unpaired",
     "warn_if_truncated",
     "write_sample_files",
